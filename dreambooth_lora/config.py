@@ -1,0 +1,104 @@
+"""Training configuration: one frozen dataclass, validated where it enters (CLI flag, UI form)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields, replace
+
+from .errors import UserError
+
+TEXT_ENCODER_MODES = ("none", "lora", "qlora")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+STEPS_PER_IMAGE_REAL = 150  # DreamBooth/LoRA practice: 800-1500 steps for 5 images at 512 px
+CLASS_IMAGES_REAL = 200  # DreamBooth paper's N for prior preservation
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run; None means "the default for this base model"."""
+
+    token: str
+    class_noun: str
+    base_model: str
+    name: str | None = None
+    steps: int | None = None  # default: 150 x images for real models, built-ins' own (see defaults_for)
+    rank: int = 8  # LoRA paper / diffusers DreamBooth-LoRA use 4-16
+    alpha: float | None = None  # None: alpha = rank, so the scale alpha/r is 1
+    prior_weight: float = 1.0  # DreamBooth paper's lambda
+    num_class_images: int | None = None  # default: 200 for real models
+    lr: float = 1e-4  # diffusers DreamBooth-LoRA default
+    resolution: int | None = None  # default: the base model's native size
+    text_encoder: str = "none"  # frozen encoder: its outputs can be cached
+    loraplus_ratio: float | None = None  # LoRA+ paper suggests 16
+    seed: int = 0
+    train_token_embedding: bool | None = None  # pivotal tuning; default on for built-ins
+    token_lr: float = 5e-3  # textual-inversion style rate, the one that worked on the tiny world
+    batch_size: int | None = None  # instance images per step (class images: as many)
+    checkpoint_every: int = 0  # 0: only on interrupt and at the end
+    device: str = "auto"
+    mixed_precision: str = "auto"
+    config_dir: str | None = None  # component configs for a single-file checkpoint
+    class_prompt: str | None = None
+    instance_prompt: str | None = None
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[A-Za-z0-9_<>-]{1,32}", self.token or ""):
+            raise UserError(f"--token {self.token!r}: use one word of letters or digits, e.g. sks.")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z -]{0,39}", self.class_noun or ""):
+            raise UserError(f"--class-noun {self.class_noun!r}: use a plain noun such as dog.")
+        _check_range("--steps", self.steps, 1, 100_000)
+        _check_range("--rank", self.rank, 1, 256)
+        _check_range("--num-class-images", self.num_class_images, 0, 10_000)
+        _check_range("--resolution", self.resolution, 8, 2048)
+        _check_range("--batch-size", self.batch_size, 1, 64)
+        _check_range("--checkpoint-every", self.checkpoint_every, 0, 100_000)
+        if self.resolution is not None and self.resolution % 8:
+            raise UserError(f"--resolution {self.resolution}: must be a multiple of 8.")
+        if self.alpha is not None and not 0 < self.alpha <= 1024:
+            raise UserError(f"--alpha {self.alpha}: must be in (0, 1024].")
+        if not 0 <= self.prior_weight <= 100:
+            raise UserError(f"--prior-weight {self.prior_weight}: must be between 0 and 100 (0 disables priors).")
+        if not 0 < self.lr <= 1:
+            raise UserError(f"--lr {self.lr}: must be in (0, 1].")
+        if self.loraplus_ratio is not None and not 1 <= self.loraplus_ratio <= 1000:
+            raise UserError(f"--loraplus-ratio {self.loraplus_ratio}: must be between 1 and 1000.")
+        if self.text_encoder not in TEXT_ENCODER_MODES:
+            raise UserError(f"--text-encoder {self.text_encoder!r}: choose one of {', '.join(TEXT_ENCODER_MODES)}.")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise UserError(f"--mixed-precision {self.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}.")
+        if self.device not in DEVICES:
+            raise UserError(f"--device {self.device!r}: choose one of {', '.join(DEVICES)}.")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+    def resolved(self, num_images: int, is_builtin: bool, native_resolution: int) -> "TrainConfig":
+        """Fill every None with the default for this base model and number of images."""
+        defaults = defaults_for(is_builtin, num_images, native_resolution)
+        filled = {f.name: defaults[f.name] for f in fields(self) if getattr(self, f.name) is None and f.name in defaults}
+        filled.setdefault("class_prompt", self.class_prompt or f"a photo of a {self.class_noun}")
+        filled.setdefault("instance_prompt", self.instance_prompt or f"a photo of {self.token} {self.class_noun}")
+        return replace(self, **filled)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def defaults_for(is_builtin: bool, num_images: int, native_resolution: int) -> dict:
+    """Defaults that depend on the base model; built-ins' figures come from the quality bench."""
+    if is_builtin:
+        return dict(steps=400, num_class_images=64, resolution=native_resolution, train_token_embedding=True, batch_size=4)
+    return dict(
+        steps=STEPS_PER_IMAGE_REAL * num_images,
+        num_class_images=CLASS_IMAGES_REAL,
+        resolution=native_resolution,
+        train_token_embedding=False,
+        batch_size=1,
+    )
+
+
+def _check_range(flag: str, value, low, high) -> None:
+    if value is not None and not (isinstance(value, int) and low <= value <= high):
+        raise UserError(f"{flag} {value!r}: must be a whole number from {low} to {high}.")
