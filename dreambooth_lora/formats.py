@@ -1,0 +1,450 @@
+"""Adapter files in and out: our library layout, diffusers, kohya/A1111/ComfyUI and PEFT.
+
+Every format is read into one in-memory shape, `AdapterWeights` (per layer: down = A, up = B, alpha),
+so mixing, resizing, export and import share one reader and one writer.
+
+Kohya export and the identifier embedding: A1111 reads "bundled embeddings" from a LoRA file as
+`bundle_emb.<name>.string_to_param.*` keys, but diffusers only treats a file as kohya when *every*
+key starts with `lora_te_` / `lora_unet_`; with one `bundle_emb` key it rejects the file outright
+("Invalid LoRA checkpoint", checked with diffusers 0.42 in tests/test_formats.py). So the embedding goes
+in a sidecar `<out stem>.embedding.safetensors` in A1111's textual-inversion layout `{"emb_params": [n, dim]}`
+(our token pieces in its header), and import picks the sidecar up again when it sits beside the file.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import UserError
+from .library import AdapterEntry, Library
+from .lora import DIFFUSERS_META_KEY, EMBEDDING_PREFIX, STUDIO_META_KEY
+from .paths import atomic_path, validate_name
+
+COMPONENTS = ("unet", "text_encoder")
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"}  # CLIP paths kept their text_model. level in kohya names
+PEFT_PREFIX = "base_model.model."
+SIDECAR_SUFFIX = ".embedding.safetensors"
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+
+
+@dataclass
+class LayerFactors:
+    """One LoRA layer: delta W = (alpha / rank) * up @ down."""
+
+    down: torch.Tensor  # A, [rank, in_features]
+    up: torch.Tensor  # B, [out_features, rank]
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * (self.up.double() @ self.down.double())
+
+
+@dataclass
+class AdapterWeights:
+    """An adapter in memory: layers keyed `unet.<module>` / `text_encoder.<module>`, embedding rows by token piece."""
+
+    layers: dict[str, LayerFactors]
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def max_rank(self) -> int:
+        return max((layer.rank for layer in self.layers.values()), default=0)
+
+    @property
+    def common_alpha(self) -> float:
+        return _most_common([layer.alpha for layer in self.layers.values()]) if self.layers else 0.0
+
+
+# ----- our library file (diffusers key layout) -----
+
+def read_adapter(path: Path) -> AdapterWeights:
+    """Read a file in our layout; each layer's alpha comes from diffusers' header metadata (rank/alpha patterns)."""
+    tensors, header = _read_safetensors(Path(path))
+    config = json.loads(header.get(DIFFUSERS_META_KEY, "{}"))
+    layers = {}
+    for key in tensors:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        layer_key = key.removesuffix(".lora_A.weight")
+        component, _, module = layer_key.partition(".")
+        down, up = tensors[key], tensors.get(f"{layer_key}.lora_B.weight")
+        if up is None:
+            raise UserError(f"{path}: {key!r} has no matching lora_B weight.")
+        layers[layer_key] = LayerFactors(down.float(), up.float(), _alpha_from_config(config, component, module, down.shape[0]))
+    embeddings = {k.removeprefix(EMBEDDING_PREFIX): v.float() for k, v in tensors.items() if k.startswith(EMBEDDING_PREFIX)}
+    return AdapterWeights(layers, embeddings, json.loads(header.get(STUDIO_META_KEY, "{}")))
+
+
+def adapter_tensors(weights: AdapterWeights) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for layer_key, layer in sorted(weights.layers.items()):
+        tensors[f"{layer_key}.lora_A.weight"] = layer.down.float().contiguous()
+        tensors[f"{layer_key}.lora_B.weight"] = layer.up.float().contiguous()
+    for piece, vector in weights.embeddings.items():
+        tensors[EMBEDDING_PREFIX + piece] = vector.float().contiguous()
+    return tensors
+
+
+def diffusers_layer_config(layers: dict[str, LayerFactors]) -> dict:
+    """`lora_adapter_metadata` for any per-layer ranks and alphas: diffusers builds its LoraConfig from it as is.
+
+    Target modules are the exact module paths, so a file covering only some layers injects exactly those.
+    """
+    config = {}
+    for component in COMPONENTS:
+        mine = {key.partition(".")[2]: layer for key, layer in layers.items() if key.partition(".")[0] == component}
+        if not mine:
+            continue
+        rank = _most_common([layer.rank for layer in mine.values()])
+        alpha = _most_common([layer.alpha for layer in mine.values()])
+        config.update({
+            f"{component}.r": rank,
+            f"{component}.lora_alpha": alpha,
+            f"{component}.target_modules": sorted(mine),
+            f"{component}.rank_pattern": {m: layer.rank for m, layer in sorted(mine.items()) if layer.rank != rank},
+            f"{component}.alpha_pattern": {m: layer.alpha for m, layer in sorted(mine.items()) if layer.alpha != alpha},
+        })
+    return config
+
+
+def write_adapter(path: Path, weights: AdapterWeights) -> None:
+    header = {
+        "format": "pt",
+        DIFFUSERS_META_KEY: json.dumps(diffusers_layer_config(weights.layers), sort_keys=True),
+        STUDIO_META_KEY: json.dumps(weights.meta, sort_keys=True),
+    }
+    save_file(adapter_tensors(weights), str(path), metadata=header)
+
+
+def check_new_name(library: Library, name: str) -> str:
+    validate_name(name, "adapter name")
+    if library.name_taken(name):
+        raise UserError(f"An adapter named {name!r} already exists; choose another --name.")
+    return name
+
+
+def free_name(library: Library, base: str) -> str:
+    name, suffix = base, 2
+    while library.name_taken(name):
+        name, suffix = f"{base}-{suffix}", suffix + 1
+    return name
+
+
+def store_adapter(library: Library, weights: AdapterWeights) -> AdapterEntry:
+    """Write the adapter into a staging folder and move it into the library (all or nothing)."""
+    meta = {**weights.meta, "id": library.new_adapter_id(), "created": time.time(),
+            "rank": weights.max_rank, "alpha": weights.common_alpha}
+    weights = AdapterWeights(weights.layers, weights.embeddings, meta)
+    staging = library.staging_folder()
+    try:
+        with atomic_path(staging / "adapter.safetensors") as tmp:
+            write_adapter(tmp, weights)
+        return library.add_adapter(staging, meta)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+# ----- export -----
+
+def export_adapter(entry: AdapterEntry, fmt: str, out: str | None) -> Path:
+    """Write a library adapter as a diffusers or kohya/A1111/ComfyUI file; returns the file written."""
+    if fmt not in ("diffusers", "kohya"):
+        raise UserError(f"--format {fmt!r}: use diffusers or kohya.")
+    path = Path(out) if out else Path(f"{entry.name}.{fmt}.safetensors")
+    if path.suffix != ".safetensors":
+        raise UserError(f"--out {path}: the file name must end in .safetensors.")
+    weights = read_adapter(entry.file)
+    weights.meta = {**entry.meta, **weights.meta, "name": entry.name}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "diffusers":
+        with atomic_path(path) as tmp:
+            write_adapter(tmp, weights)  # diffusers ignores the lora_token_embedding.* rows; our import reads them
+        return path
+    tensors, header = kohya_state_dict(weights)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    if weights.embeddings:
+        pieces = list(weights.embeddings)
+        with atomic_path(sidecar_path(path)) as tmp:
+            save_file({"emb_params": torch.stack([weights.embeddings[p] for p in pieces]).contiguous()}, str(tmp),
+                      metadata={"tokens": json.dumps(pieces), "token": weights.meta.get("token", "")})
+    return path
+
+
+def sidecar_path(lora_file: Path) -> Path:
+    return lora_file.with_suffix(SIDECAR_SUFFIX)
+
+
+def kohya_name(layer_key: str) -> str:
+    """`unet.down_blocks.0...attn1.to_q` -> `lora_unet_down_blocks_0_..._attn1_to_q` (ComfyUI / A1111 / diffusers)."""
+    component, _, module = layer_key.partition(".")
+    return KOHYA_PREFIX[component] + module.replace(".", "_")
+
+
+def kohya_state_dict(weights: AdapterWeights) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Kohya keys with one alpha for every layer; a layer whose own alpha differs has the ratio folded into up.
+
+    One shared alpha keeps diffusers' kohya loader exact: with differing alphas it builds an alpha_pattern
+    whose text-encoder keys do not match transformers 5 module paths.
+    """
+    alpha = weights.common_alpha
+    tensors = {}
+    for layer_key, layer in sorted(weights.layers.items()):
+        name = kohya_name(layer_key)
+        tensors[f"{name}.lora_down.weight"] = layer.down.float().contiguous()
+        tensors[f"{name}.lora_up.weight"] = (layer.up * (layer.alpha / alpha)).float().contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+    meta = weights.meta
+    steps = str(int(meta.get("steps") or 0))
+    header = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(weights.max_rank),
+        "ss_network_alpha": f"{alpha:g}",
+        "ss_base_model_version": "sd_v1",
+        "ss_output_name": str(meta.get("name", "")),
+        "ss_training_comment": f"DreamBooth-LoRA Studio: '{meta.get('token', '')}' {meta.get('class_noun', '')} "
+                               f"on {meta.get('base_model', '')}".strip(),
+        "ss_steps": steps,
+        "ss_max_train_steps": steps,
+        STUDIO_META_KEY: json.dumps(meta, sort_keys=True),
+    }
+    return tensors, header
+
+
+# ----- import -----
+
+def import_adapter(library: Library, file: Path, name: str | None, base_model: str, token: str, class_noun: str) -> AdapterEntry:
+    """Add a diffusers, kohya or PEFT LoRA .safetensors file to the library, checked against the base model's layers."""
+    from .models import load_base_model
+
+    file = Path(file)
+    if file.suffix.lower() in PICKLE_SUFFIXES:
+        raise UserError(f"{file}: only .safetensors LoRA files can be imported ({file.suffix} files can run code when loaded).")
+    if file.suffix.lower() != ".safetensors":
+        raise UserError(f"{file}: not a .safetensors file; only .safetensors LoRA files can be imported.")
+    if not file.is_file():
+        raise UserError(f"{file}: no such file.")
+    name = check_new_name(library, name or file.name.removesuffix(".safetensors"))
+    tensors, header = _read_safetensors(file)
+    model = load_base_model(base_model)
+    modules = model_linear_shapes(model)
+    fmt, layers, embeddings = parse_lora_file(file, tensors, header, modules)
+    embeddings.update(_sidecar_embeddings(file))
+    _check_embeddings(file, embeddings, model)
+    ours = json.loads(header.get(STUDIO_META_KEY, "{}"))
+    token = token or ours.get("token") or "".join(p.removesuffix("</w>") for p in embeddings)
+    meta = {
+        "name": name, "token": token, "class_noun": class_noun or ours.get("class_noun", ""),
+        "base_model": model.name, "fingerprint": model.fingerprint,
+        "steps": int(ours.get("steps") or header.get("ss_steps") or 0),
+        "instance_prompt": f"a photo of {token} {class_noun or ours.get('class_noun', '')}".strip() if token else "",
+        "text_encoder": "lora" if any(k.startswith("text_encoder.") for k in layers) else "none",
+        "train_token_embedding": bool(embeddings),
+        "imported_from": str(file), "imported_format": fmt,
+        "imported_meta": ours or {k: v for k, v in header.items() if k.startswith("ss_")},
+    }
+    return store_adapter(library, AdapterWeights(layers, embeddings, meta))
+
+
+def model_linear_shapes(model) -> dict[str, tuple[int, int]]:
+    """`unet.<module>` / `text_encoder.<module>` -> (out_features, in_features) for every Linear of the base model."""
+    shapes = {}
+    for component, module in (("unet", model.unet), ("text_encoder", model.text_encoder)):
+        for module_name, layer in module.named_modules():
+            if isinstance(layer, torch.nn.Linear):
+                shapes[f"{component}.{module_name}"] = (layer.out_features, layer.in_features)
+    return shapes
+
+
+def parse_lora_file(file: Path, tensors: dict, header: dict, modules: dict[str, tuple[int, int]]):
+    """Detect the key layout and return (format, layers, embeddings); every layer checked against `modules`."""
+    keys = list(tensors)
+    if not keys:
+        raise UserError(f"{file}: the file holds no tensors.")
+    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
+        raise UserError(f"{file}: an SDXL LoRA (lora_te1_/lora_te2_ keys); only Stable Diffusion 1.x layouts are supported.")
+    if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
+        layers, embeddings = _parse_kohya(file, tensors, modules)
+        return "kohya", layers, embeddings
+    if any(k.startswith(PEFT_PREFIX) for k in keys):
+        return "peft", _parse_peft(file, tensors, modules), {}
+    if all(k.startswith(("unet.", "text_encoder.", EMBEDDING_PREFIX)) for k in keys):
+        return "diffusers", _parse_diffusers(file, tensors, header, modules), {
+            k.removeprefix(EMBEDDING_PREFIX): v.float() for k, v in tensors.items() if k.startswith(EMBEDDING_PREFIX)}
+    bad = next(k for k in keys if not k.startswith(("unet.", "text_encoder.", EMBEDDING_PREFIX)))
+    raise UserError(f"{file}: not a diffusers, kohya or PEFT LoRA file (first unrecognised key {bad!r}).")
+
+
+def _parse_kohya(file, tensors, modules):
+    by_kohya_name = {kohya_name(key): key for key in modules}
+    layers, embeddings, bundled = {}, {}, {}
+    for key, value in tensors.items():
+        if key.startswith("bundle_emb."):
+            emb_name = key.split(".")[1]
+            bundled[emb_name] = value
+            continue
+        lora_name, _, part = key.partition(".")
+        if part not in ("lora_down.weight", "lora_up.weight", "alpha"):
+            raise UserError(f"{file}: key {key!r} is not a plain LoRA weight (LoCon/LoHa/DoRA parts are not supported).")
+        layer_key = by_kohya_name.get(lora_name)
+        if layer_key is None:
+            raise UserError(f"{file}: key {key!r} names no layer of the base model's UNet or text encoder.")
+        if part != "lora_down.weight":
+            continue
+        up = tensors.get(f"{lora_name}.lora_up.weight")
+        if up is None:
+            raise UserError(f"{file}: key {key!r} has no matching lora_up.weight.")
+        down = value
+        alpha = float(tensors[f"{lora_name}.alpha"].item()) if f"{lora_name}.alpha" in tensors else float(down.shape[0])
+        layers[layer_key] = _checked(file, key, layer_key, down, up, alpha, modules)
+    for emb_name, value in bundled.items():
+        vectors = value.reshape(-1, value.shape[-1]).float()
+        embeddings.update(_name_embedding_rows(file, emb_name, vectors))
+    return layers, embeddings
+
+
+def _parse_peft(file, tensors, modules):
+    config_file = file.parent / "adapter_config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    layers = {}
+    for key, value in tensors.items():
+        if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise UserError(f"{file}: key {key!r} is not a PEFT LoRA weight (base_model.model.<module>.lora_A/lora_B.weight).")
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
+        candidates = [f"unet.{module}", f"text_encoder.{module}", f"text_encoder.{module.removeprefix('text_model.')}"]
+        layer_key = next((c for c in candidates if c in modules), None)
+        if layer_key is None:
+            raise UserError(f"{file}: key {key!r} names no layer of the base model's UNet or text encoder.")
+        up = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        if up is None:
+            raise UserError(f"{file}: key {key!r} has no matching lora_B weight.")
+        rank = value.shape[0]
+        # No adapter_config.json: alpha = rank (scale 1), the diffusers/PEFT convention for bare state dicts.
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)) if config else rank
+        layers[layer_key] = _checked(file, key, layer_key, value, up, float(alpha), modules)
+    component_of = {k.partition(".")[0] for k in layers}
+    if len(component_of) > 1:
+        raise UserError(f"{file}: a PEFT file adapts one model, but its keys match both the UNet and the text encoder.")
+    return layers
+
+
+def _parse_diffusers(file, tensors, header, modules):
+    config = json.loads(header.get(DIFFUSERS_META_KEY, "{}"))
+    layers = {}
+    for key, value in tensors.items():
+        if key.startswith(EMBEDDING_PREFIX):
+            continue
+        if not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise UserError(f"{file}: key {key!r} is not a diffusers LoRA weight (<component>.<module>.lora_A/lora_B.weight).")
+        if not key.endswith(".lora_A.weight"):
+            continue
+        component, _, module = key.removesuffix(".lora_A.weight").partition(".")
+        module = module.removeprefix("text_model.") if component == "text_encoder" else module
+        layer_key = f"{component}.{module}"
+        if layer_key not in modules:
+            raise UserError(f"{file}: key {key!r} names no layer of the base model's UNet or text encoder.")
+        up = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        if up is None:
+            raise UserError(f"{file}: key {key!r} has no matching lora_B weight.")
+        alpha = _alpha_from_config(config, component, module, value.shape[0])
+        layers[layer_key] = _checked(file, key, layer_key, value, up, alpha, modules)
+    return layers
+
+
+def _checked(file, key, layer_key, down, up, alpha, modules) -> LayerFactors:
+    out_features, in_features = modules[layer_key]
+    rank = down.shape[0]
+    if down.dim() != 2 or up.dim() != 2 or down.shape[1] != in_features or up.shape != (out_features, rank):
+        raise UserError(
+            f"{file}: key {key!r} has shapes down {tuple(down.shape)} / up {tuple(up.shape)}, but the base model's "
+            f"layer is {out_features}x{in_features}: this LoRA was made for a different model."
+        )
+    if not alpha > 0:
+        raise UserError(f"{file}: key {key!r} has alpha {alpha}; it must be positive.")
+    return LayerFactors(down.float(), up.float(), float(alpha))
+
+
+def _sidecar_embeddings(file: Path) -> dict[str, torch.Tensor]:
+    sidecar = sidecar_path(file)
+    if not sidecar.exists():
+        return {}
+    tensors, header = _read_safetensors(sidecar)
+    if "emb_params" not in tensors:
+        raise UserError(f"{sidecar}: not a textual-inversion file (no emb_params).")
+    vectors = tensors["emb_params"].reshape(-1, tensors["emb_params"].shape[-1]).float()
+    pieces = json.loads(header.get("tokens", "[]"))
+    if len(pieces) != len(vectors):
+        raise UserError(f"{sidecar}: its header names {len(pieces)} token pieces for {len(vectors)} embedding rows.")
+    return dict(zip(pieces, vectors))
+
+
+def _name_embedding_rows(file, emb_name, vectors) -> dict[str, torch.Tensor]:
+    # A bundled A1111 embedding is typed by its name; our rows are keyed by the tokenizer's pieces of it.
+    from .tokenizer import build_tokenizer
+
+    pieces = build_tokenizer().tokenize(emb_name)
+    if len(pieces) != len(vectors):
+        raise UserError(f"{file}: bundled embedding {emb_name!r} has {len(vectors)} vectors but its name is {len(pieces)} tokens.")
+    return dict(zip(pieces, vectors))
+
+
+def _check_embeddings(file, embeddings, model) -> None:
+    dim = model.text_encoder.get_input_embeddings().weight.shape[1]
+    for piece, vector in embeddings.items():
+        if vector.shape != (dim,):
+            raise UserError(f"{file}: embedding for {piece!r} has shape {tuple(vector.shape)}, the base model's is ({dim},).")
+        ids = model.tokenizer.convert_tokens_to_ids([piece])
+        if ids[0] == model.tokenizer.unk_token_id and piece != model.tokenizer.unk_token:
+            raise UserError(f"{file}: identifier token piece {piece!r} is not in the base model's vocabulary.")
+
+
+# ----- helpers -----
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            header = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (OSError, ValueError, RuntimeError) as error:
+        raise UserError(f"{path}: not a readable safetensors file ({error}).".replace("\n", " ")) from None
+    return tensors, header
+
+
+def _alpha_from_config(config: dict, component: str, module: str, rank: int) -> float:
+    """Alpha as diffusers/PEFT resolve it: alpha_pattern, else lora_alpha, else rank (no metadata: scale 1)."""
+    default = config.get(f"{component}.lora_alpha", rank)
+    return float(_pattern_value(config.get(f"{component}.alpha_pattern") or {}, module, default))
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    # peft.utils.other.get_pattern_key: a pattern matches the module path or its dotted tail.
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _most_common(values):
+    return collections.Counter(values).most_common(1)[0][0]
