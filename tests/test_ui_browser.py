@@ -1,0 +1,145 @@
+"""The studio in a real browser: upload, train in the background worker, see it in the Library, generate.
+
+Starts `python -m app` on a free port with temporary data and prior folders and drives headless
+Chromium through Playwright. Screenshots of each tab land in $DBL_UI_SHOTS (default /tmp/ui-shots).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dreambooth_lora.tinyworld import subject_image_paths
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+SHOTS = Path(os.environ.get("DBL_UI_SHOTS", "/tmp/ui-shots"))
+
+
+def _require_browser():
+    problem = None
+    if not CHROMIUM.exists():
+        problem = f"no Chromium at {CHROMIUM} (install it with .ci/install-browser)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            problem = "the playwright Python package is not installed"
+    if problem and os.environ.get("CI") == "true":
+        pytest.fail(f"browser test cannot run under CI: {problem}")
+    if problem:
+        pytest.skip(problem)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "server.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "--port", str(port), "--data-root", str(tmp_path / "data"),
+         "--prior-dir", str(tmp_path / "prior")],
+        stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1],
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                raise AssertionError("server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+    yield url, tmp_path
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(40)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+    print((tmp_path / "server.log").read_text()[-2000:])
+    if (tmp_path / "data" / "worker.log").exists():
+        print((tmp_path / "data" / "worker.log").read_text()[-2000:])
+
+
+def test_train_then_generate_in_the_browser(server):
+    _require_browser()
+    from playwright.sync_api import expect, sync_playwright
+
+    url, tmp_path = server
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        try:
+            page.goto(url)
+            expect(page.get_by_text("DreamBooth-LoRA Studio").first).to_be_visible(timeout=30_000)
+
+            # --- Train: three photos, a short run on the tiny random model ---
+            page.locator("#train-images input[type=file]").set_input_files([str(p) for p in subject_image_paths("bluecyan-box")[:3]])
+            expect(page.locator("#upload-notes")).to_contain_text("3 photos ready", timeout=30_000)
+            page.locator("#train-class").get_by_role("textbox").fill("box")
+            page.locator("#train-name").get_by_role("textbox").fill("browser-box")
+            base = page.locator("#train-base-model input")
+            base.fill("builtin:tiny-random")
+            base.press("Enter")
+            page.get_by_text("Advanced").click()
+            page.locator("#adv-steps input").fill("4")
+            page.locator("#adv-class-images input").fill("2")
+            page.locator("#start-training").click()
+            expect(page.locator("#start-message")).to_contain_text("Queued", timeout=30_000)
+            expect(page.locator("#job-status")).to_contain_text("done", timeout=150_000)
+            expect(page.locator("#jobs-table")).to_contain_text("browser-box")
+            page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
+            page.get_by_text("redyellow-ball").first.click()  # an example subject fills the form
+            expect(page.locator("#upload-notes")).to_contain_text("4 photos ready", timeout=30_000)
+            expect(page.locator("#train-class").get_by_role("textbox")).to_have_value("ball")
+
+            # --- Library: the adapter is listed with its details ---
+            page.get_by_role("tab", name="Library").click()
+            expect(page.locator("#library-table")).to_contain_text("browser-box", timeout=30_000)
+            expect(page.locator("#library-details")).to_contain_text("builtin:tiny-random", timeout=30_000)
+            page.screenshot(path=str(SHOTS / "library.png"), full_page=True)
+
+            # --- Generate: the adapter at weight 0.8 ---
+            page.get_by_role("tab", name="Generate").click()
+            page.locator("#gen-prompt").get_by_role("textbox").fill("a photo of sks box")
+            page.locator("#gen-adapters input").click()
+            page.get_by_role("option", name="browser-box").click()
+            page.keyboard.press("Escape")
+            weight = page.locator("#gen-weight-0 input[type=number]")
+            expect(weight).to_be_visible(timeout=10_000)
+            weight.fill("0.8")
+            weight.press("Enter")
+            expect(page.locator("#gen-hints")).to_contain_text("sks")
+            page.locator("#gen-run").click()
+            expect(page.locator("#gen-message")).to_contain_text("browser-box × 0.8", timeout=90_000)
+            page.wait_for_function(
+                "() => { const imgs = [...document.querySelectorAll('#gen-gallery img')];"
+                " return imgs.length >= 4 && imgs.every(i => i.complete && i.naturalWidth > 0); }", timeout=30_000)
+            page.screenshot(path=str(SHOTS / "generate.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(SHOTS / "failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+    shutil.copytree(SHOTS, tmp_path / "shots", dirs_exist_ok=True)
