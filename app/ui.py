@@ -328,18 +328,19 @@ def library_tab(library: Library, timer: gr.Timer):
                     keep = gr.Button("Keep it")
             with gr.Row():
                 export_format = gr.Radio(["diffusers", "kohya"], value="diffusers", label="Download format")
-                export = gr.Button("Export")
-            export_file = gr.File(label="Download", interactive=False)
+                export = gr.Button("Export", elem_id="library-export")
+            export_file = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="library-download")
             with gr.Accordion("Import a LoRA file", open=False):
-                import_file = gr.File(label="LoRA .safetensors", file_types=[".safetensors"], type="filepath")
+                import_file = gr.File(label="LoRA .safetensors", file_types=[".safetensors"], type="filepath",
+                                      elem_id="import-file")
                 with gr.Row():
-                    import_name = gr.Textbox(label="Name", placeholder="(from the file name)")
+                    import_name = gr.Textbox(label="Name", placeholder="(from the file name)", elem_id="import-name")
                     import_token = gr.Textbox(label="Token")
                     import_class = gr.Textbox(label="Class noun")
                 import_base = gr.Dropdown(builtin_names(), value=default_base_model(), allow_custom_value=True,
                                           label="Base model it was trained for")
-                import_button = gr.Button("Import")
-            action_message = gr.Markdown()
+                import_button = gr.Button("Import", elem_id="import-button")
+            action_message = gr.Markdown(elem_id="library-message")
     seen = gr.State(None)
     outputs = [gallery, table, chosen, seen]
 
@@ -399,12 +400,13 @@ def library_tab(library: Library, timer: gr.Timer):
     @user_errors
     def do_export(name, fmt):
         try:
-            from dreambooth_lora.formats import export_adapter
+            from dreambooth_lora.formats import export_adapter, sidecar_path
         except ImportError:
             raise UserError("Export is not available yet (dreambooth_lora.formats is missing).") from None
         entry = library.get(_need(name))
-        out = Path(tempfile.mkdtemp(prefix="dbl-export-")) / f"{entry.name}.{fmt}.safetensors"
-        return str(export_adapter(entry, fmt, out))
+        out = export_adapter(entry, fmt, Path(tempfile.mkdtemp(prefix="dbl-export-")) / f"{entry.name}.{fmt}.safetensors")
+        # A kohya export keeps a learned identifier embedding in a sidecar file next to the LoRA.
+        return [str(path) for path in (out, sidecar_path(out)) if path.exists()]
 
     export.click(do_export, [chosen, export_format], export_file)
 

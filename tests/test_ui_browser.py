@@ -7,6 +7,7 @@ Chromium through Playwright. Screenshots of each tab land in $DBL_UI_SHOTS (defa
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -118,6 +119,9 @@ def test_train_then_generate_in_the_browser(server):
             page.get_by_role("tab", name="Library").click()
             expect(page.locator("#library-table")).to_contain_text("browser-box", timeout=30_000)
             expect(page.locator("#library-details")).to_contain_text("builtin:tiny-random", timeout=30_000)
+            page.locator("#library-export").click()
+            expect(page.locator("#library-download a").first).to_have_attribute(
+                "href", re.compile(r"browser-box\.diffusers\.safetensors$"), timeout=30_000)
             page.screenshot(path=str(SHOTS / "library.png"), full_page=True)
 
             # --- Generate: the adapter at weight 0.8 ---
@@ -136,7 +140,30 @@ def test_train_then_generate_in_the_browser(server):
             page.wait_for_function(
                 "() => { const imgs = [...document.querySelectorAll('#gen-gallery img')];"
                 " return imgs.length >= 4 && imgs.every(i => i.complete && i.naturalWidth > 0); }", timeout=30_000)
+            page.locator("#mix-name").get_by_role("textbox").fill("browser-mix")
+            page.locator("#mix-save").click()
+            expect(page.locator("#gen-message")).to_contain_text("Saved the mix as browser-mix", timeout=60_000)
             page.screenshot(path=str(SHOTS / "generate.png"), full_page=True)
+
+            # --- Library again: import a LoRA file, delete the mix after confirming ---
+            page.get_by_role("tab", name="Library").click()
+            expect(page.locator("#library-table")).to_contain_text("browser-mix", timeout=30_000)
+            page.get_by_text("Import a LoRA file").click()
+            lora_file = next((tmp_path / "data" / "adapters").glob("*/adapter.safetensors"))
+            page.locator("#import-file input[type=file]").set_input_files(str(lora_file))
+            page.locator("#import-name").get_by_role("textbox").fill("imported-box")
+            page.locator("#import-button").click()
+            expect(page.locator("#library-message")).to_contain_text("Imported imported-box", timeout=60_000)
+            expect(page.locator("#library-table")).to_contain_text("imported-box", timeout=30_000)
+            choice = page.locator("#library-choice input")
+            choice.click()
+            page.get_by_role("option", name="browser-mix").click()
+            expect(page.locator("#library-details")).to_contain_text("browser-mix")
+            page.locator("#library-delete").click()
+            page.locator("#library-delete-confirm").click()
+            expect(page.locator("#library-message")).to_contain_text("Deleted browser-mix", timeout=30_000)
+            expect(page.locator("#library-table")).not_to_contain_text("browser-mix", timeout=30_000)
+            page.screenshot(path=str(SHOTS / "library-after.png"), full_page=True)
         except Exception:
             page.screenshot(path=str(SHOTS / "failure.png"), full_page=True)
             raise
