@@ -135,6 +135,7 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
     diffusers_logging.set_verbosity_error()
 

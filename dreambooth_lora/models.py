@@ -143,7 +143,7 @@ def load_base_model(name: str, config_dir: str | None = None) -> BaseModel:
         if not (folder / "model_index.json").exists():
             raise UserError(f"Unknown built-in model {name!r}; built-ins here: {', '.join(builtin_names())}.")
         resolution = json.loads((folder / "studio.json").read_text())["resolution"]
-        return _from_pipeline(name, StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32), resolution)
+        return _from_pipeline(name, StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32), resolution)
     path = Path(name)
     if path.suffix in {".safetensors", ".ckpt"}:
         return _from_single_file(name, path, config_dir)
@@ -159,7 +159,7 @@ def load_base_model(name: str, config_dir: str | None = None) -> BaseModel:
 def _pretrained(name: str) -> StableDiffusionPipeline:
     try:
         return StableDiffusionPipeline.from_pretrained(
-            name, torch_dtype=torch.float32, local_files_only=True, safety_checker=None, requires_safety_checker=False
+            name, dtype=torch.float32, local_files_only=True, safety_checker=None, requires_safety_checker=False
         )
     except (OSError, ValueError) as error:
         raise UserError(
@@ -180,7 +180,7 @@ def _from_single_file(name: str, path: Path, config_dir: str | None) -> BaseMode
         )
     try:
         pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=config_dir, local_files_only=True, torch_dtype=torch.float32,
+            str(path), config=config_dir, local_files_only=True, dtype=torch.float32,
             safety_checker=None, requires_safety_checker=False,
         )
     except (OSError, ValueError, KeyError) as error:
