@@ -196,7 +196,7 @@ def check_uploads(files):
     files = files or []
     problems = {f: _image_problem(f) for f in files}
     good = [f for f in files if problems[f] is None]
-    lines = [f"**Rejected:** {problem}" for problem in problems.values() if problem]
+    lines = [f"**Rejected** {problem}" for problem in problems.values() if problem]
     if files and len(good) < 3:
         lines.append(f"Add {3 - len(good)} more photo(s): training needs at least 3.")
     elif len(good) > 5:
@@ -210,7 +210,7 @@ def _image_problem(path) -> str | None:
     try:
         read_image(Path(path))
     except UserError as error:
-        return f"`{Path(path).name}` rejected: {error}"
+        return str(error)  # names the file and the problem
     return None
 
 
@@ -338,7 +338,7 @@ def library_tab(library: Library, timer: gr.Timer):
                     import_token = gr.Textbox(label="Token")
                     import_class = gr.Textbox(label="Class noun")
                 import_base = gr.Dropdown(builtin_names(), value=default_base_model(), allow_custom_value=True,
-                                          label="Base model it was trained for")
+                                          label="Base model it was trained for", elem_id="import-base")
                 import_button = gr.Button("Import", elem_id="import-button")
             action_message = gr.Markdown(elem_id="library-message")
     seen = gr.State(None)

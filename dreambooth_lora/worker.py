@@ -34,13 +34,14 @@ def submit_job(library: Library, config: TrainConfig, image_paths: list) -> str:
 def cancel_job(library: Library, job_id: str) -> str:
     """Ask for a job to stop: a queued one is cancelled at once, a running one at its next step."""
     job = library.job(job_id)
-    if job["status"] == "queued":
+    if job["status"] not in ("queued", "running"):
+        raise UserError(f"Job {job_id} is {job['status']}; only queued or running jobs can be cancelled.")
+    # The flag goes first: a worker that claims the job a moment later still sees it and stops.
+    library.update_job(job_id, cancel_requested=1, message="cancel requested; stopping at the next step")
+    if library.job(job_id)["status"] == "queued":
         library.update_job(job_id, status="cancelled", phase="cancelled", message="cancelled before it started")
         return "cancelled"
-    if job["status"] == "running":
-        library.update_job(job_id, cancel_requested=1, message="cancel requested; stopping at the next step")
-        return "cancelling"
-    raise UserError(f"Job {job_id} is {job['status']}; only queued or running jobs can be cancelled.")
+    return "cancelling"
 
 
 def resume_job(library: Library, job_id: str) -> str:
@@ -112,6 +113,9 @@ def run_worker(
 def run_job(library: Library, job: dict, prior_dir, stop: threading.Event, samples_per_job: int) -> str:
     """Train one claimed job, recording progress, and leave it done, cancelled, interrupted or failed."""
     job_id = job["id"]
+    if job["cancel_requested"]:  # cancelled while this worker was claiming it
+        library.update_job(job_id, status="cancelled", phase="cancelled", message="cancelled before it started")
+        return "cancelled"
     reporter = _ProgressWriter(library, job_id)
     try:
         result = run_training(

@@ -152,6 +152,12 @@ def test_train_then_generate_in_the_browser(server):
             lora_file = next((tmp_path / "data" / "adapters").glob("*/adapter.safetensors"))
             page.locator("#import-file input[type=file]").set_input_files(str(lora_file))
             page.locator("#import-name").get_by_role("textbox").fill("imported-box")
+            page.locator("#import-base input").fill("builtin:nope")
+            page.locator("#import-base input").press("Enter")
+            page.locator("#import-button").click()  # a person's mistake: one sentence, no traceback
+            expect(page.get_by_text("Unknown built-in model 'builtin:nope'").first).to_be_visible(timeout=30_000)
+            page.locator("#import-base input").fill("builtin:tiny-random")
+            page.locator("#import-base input").press("Enter")
             page.locator("#import-button").click()
             expect(page.locator("#library-message")).to_contain_text("Imported imported-box", timeout=60_000)
             expect(page.locator("#library-table")).to_contain_text("imported-box", timeout=30_000)
