@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import UserError
@@ -158,7 +158,7 @@ def read_adapter_file(path) -> AdapterFile:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             header = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise UserError(f"{path}: not a readable safetensors file ({error}).".replace("\n", " ")) from None
     meta = json.loads(header.get(STUDIO_META_KEY, "{}"))
     return AdapterFile(tensors, meta)
