@@ -108,6 +108,7 @@ def build_tiny_random(seed: int = 0) -> BaseModel:
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
+            architectures=["CLIPTextModel"],  # what save_pretrained records, so a saved copy keeps the fingerprint
             vocab_size=len(tokenizer),
             hidden_size=32,
             intermediate_size=37,
