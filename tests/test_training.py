@@ -1,0 +1,285 @@
+"""Training on builtin:tiny-random: LoRA starts at the base model, training lowers the loss, the saved
+adapter reloads to the same outputs, qlora keeps the 4-bit base fixed, and resume is exact.
+
+The trained model is observed, not replaced: `capture_models` wraps train.load_base_model (and
+train.quantize_text_encoder) so the test keeps a handle on the very objects run_training trains.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from peft.tuners.lora import LoraLayer
+
+from dreambooth_lora import train
+from dreambooth_lora.config import TrainConfig
+from dreambooth_lora.errors import UserError
+from dreambooth_lora.generate import AdapterSession
+from dreambooth_lora.images import load_subject_images
+from dreambooth_lora.library import Library
+from dreambooth_lora.lora import (
+    TokenEmbedding,
+    attach_text_encoder_lora,
+    attach_unet_lora,
+    read_adapter_file,
+)
+from dreambooth_lora.losses import prior_preservation_loss
+from dreambooth_lora.models import build_tiny_random
+from dreambooth_lora.train import TrainingStopped, create_job, encode_images, run_training
+
+RESOLUTION = 32  # a quarter of tiny-random's native pixels: same code path, less CPU
+PROMPT = "a photo of sks dog"
+
+
+def tiny_config(name: str, **overrides) -> TrainConfig:
+    values = dict(token="sks", class_noun="dog", base_model="builtin:tiny-random", name=name,
+                  resolution=RESOLUTION, num_class_images=2, steps=30)
+    return TrainConfig(**{**values, **overrides})
+
+
+class capture_models:
+    """Context manager: record the BaseModel (and quantized text encoder) run_training loads, unchanged."""
+
+    def __init__(self):
+        self.models, self.quantized = [], []
+        self._patch = pytest.MonkeyPatch()
+
+    def __enter__(self):
+        real_load, real_quantize = train.load_base_model, train.quantize_text_encoder
+
+        def load(*args, **kwargs):
+            self.models.append(real_load(*args, **kwargs))
+            return self.models[-1]
+
+        def quantize(*args, **kwargs):
+            self.quantized.append(real_quantize(*args, **kwargs))
+            return self.quantized[-1]
+
+        self._patch.setattr(train, "load_base_model", load)
+        self._patch.setattr(train, "quantize_text_encoder", quantize)
+        return self
+
+    def __exit__(self, *exc):
+        self._patch.undo()
+
+
+# ----- fixed inputs and the loss on a fixed batch -----
+
+def prompt_ids(model, prompt=PROMPT) -> torch.Tensor:
+    return model.tokenizer([prompt], padding="max_length", max_length=model.tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def fixed_unet_inputs(model, images, repeats: int = 4, seed: int = 123):
+    """Instance latents (VAE means) with a fixed noise and timesteps, as the training step builds them."""
+    means, _ = encode_images(model, images)
+    latents = means.repeat(repeats, 1, 1, 1) * model.vae.config.scaling_factor
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
+    noisy = model.training_scheduler().add_noise(latents, noise, timesteps)
+    return noisy, timesteps, noise
+
+
+@torch.no_grad()
+def unet_output(model, text_encoder, noisy, timesteps, prompt=PROMPT) -> torch.Tensor:
+    hidden = text_encoder(prompt_ids(model, prompt))[0].float()
+    return model.unet(noisy, timesteps, hidden.expand(noisy.shape[0], -1, -1)).sample
+
+
+def fixed_batch_loss(model, images) -> float:
+    noisy, timesteps, noise = fixed_unet_inputs(model, images)
+    prediction = unet_output(model, model.text_encoder, noisy, timesteps)
+    return prior_preservation_loss(prediction, noise, noisy.shape[0], 0.0)[0].item()
+
+
+def lora_layer_count(*modules) -> int:
+    return sum(isinstance(m, LoraLayer) for module in modules for m in module.modules())
+
+
+# ----- LoRA at step 0 -----
+
+def test_lora_at_step_zero_gives_the_base_model_exactly(tiny_random_builder, session_subject_images):
+    model = tiny_random_builder()
+    images, _ = load_subject_images(session_subject_images, RESOLUTION)
+    noisy, timesteps, _ = fixed_unet_inputs(model, images)
+    ids = prompt_ids(model)
+    with torch.no_grad():
+        base_text = model.text_encoder(ids)[0]
+        base_unet = unet_output(model, model.text_encoder, noisy, timesteps)
+    attach_unet_lora(model.unet, rank=4, alpha=8.0)
+    attach_text_encoder_lora(model.text_encoder, rank=4, alpha=8.0)
+    TokenEmbedding.for_token(model.text_encoder, model.tokenizer, "sks").attach(model.text_encoder)
+    assert lora_layer_count(model.unet) == 4 * 2 * 4  # to_q/k/v/out of attn1 and attn2; down, mid and 2 up blocks
+    assert lora_layer_count(model.text_encoder) == 4 * 2  # q/k/v/out_proj in 2 layers
+    with torch.no_grad():
+        assert torch.equal(model.text_encoder(ids)[0], base_text)
+        assert torch.equal(unet_output(model, model.text_encoder, noisy, timesteps), base_unet)
+    # ...and it is the zero B matrices that make it so: a non-zero B changes the output.
+    with torch.no_grad():
+        next(m for m in model.unet.modules() if isinstance(m, LoraLayer)).lora_B["default"].weight.fill_(0.1)
+        assert not torch.equal(unet_output(model, model.text_encoder, noisy, timesteps), base_unet)
+
+
+# ----- one real run shared by the next tests -----
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, session_subject_images, session_prior_dir):
+    """30 steps with text-encoder LoRA and the identifier embedding, at a high lr so the change is clear."""
+    library = Library(tmp_path_factory.mktemp("trained_data"))
+    job = create_job(library, tiny_config("subject", lr=1e-2, text_encoder="lora"), session_subject_images)
+    with capture_models() as captured:
+        result = run_training(library, job, session_prior_dir)
+    return library, result, captured.models[0]
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(trained, session_subject_images):
+    _, result, model = trained
+    images, _ = load_subject_images(session_subject_images, RESOLUTION)
+    before = fixed_batch_loss(build_tiny_random(), images)
+    after = fixed_batch_loss(model, images)
+    assert after < 0.85 * before, (before, after)  # measured: 1.158 -> 0.863
+    assert len(result.losses) == 30 and all(np.isfinite(result.losses))
+
+
+def test_training_changes_the_output(trained, session_subject_images):
+    _, _, model = trained
+    base = build_tiny_random()
+    images, _ = load_subject_images(session_subject_images, RESOLUTION)
+    noisy, timesteps, _ = fixed_unet_inputs(base, images)
+    before = unet_output(base, base.text_encoder, noisy, timesteps)
+    after = unet_output(model, model.text_encoder, noisy, timesteps)
+    assert (after - before).abs().mean() > 1e-3
+    # The identifier embedding learned: the prompt with sks now encodes differently.
+    with torch.no_grad():
+        assert not torch.allclose(model.text_encoder(prompt_ids(model))[0], base.text_encoder(prompt_ids(base))[0])
+
+
+def test_saved_adapter_reloads_to_the_trained_outputs(trained, session_subject_images):
+    library, result, model = trained
+    entry = library.get("subject")
+    assert entry.id == result.adapter.id and entry.fingerprint == model.fingerprint
+    adapter = read_adapter_file(entry.file)
+    file_modules = {key.split(".lora_")[0] for key in adapter.lora_only()}
+    assert len(adapter.unet_tensors) > 0 and len(adapter.text_encoder_tensors) > 0 and adapter.embedding_tensors
+
+    # A plain diffusers pipeline on a fresh model places every LoRA module the file holds.
+    plain = build_tiny_random().pipeline()
+    plain.load_lora_weights(str(entry.file))
+    assert lora_layer_count(plain.unet, plain.text_encoder) == len(file_modules) == 32 + 8
+
+    # The studio's session (LoRA + identifier embedding) on a fresh model matches the trained one in memory.
+    fresh = build_tiny_random()
+    session = AdapterSession(fresh)
+    session.apply([(entry, 1.0)])
+    images, _ = load_subject_images(session_subject_images, RESOLUTION)
+    noisy, timesteps, _ = fixed_unet_inputs(fresh, images)
+    with torch.no_grad():
+        trained_text = model.text_encoder(prompt_ids(model))[0]
+        reloaded_text = session.pipe.text_encoder(prompt_ids(fresh))[0]
+    assert torch.allclose(reloaded_text, trained_text, atol=1e-5, rtol=0)
+    trained_out = unet_output(model, model.text_encoder, noisy, timesteps)
+    reloaded_out = unet_output(fresh, session.pipe.text_encoder, noisy, timesteps)
+    assert torch.allclose(reloaded_out, trained_out, atol=1e-5, rtol=0), (reloaded_out - trained_out).abs().max()
+
+    def image(pipe):
+        return pipe([PROMPT], num_inference_steps=3, guidance_scale=5.0, height=RESOLUTION, width=RESOLUTION,
+                    generator=[torch.Generator().manual_seed(0)], output_type="np").images
+    with torch.no_grad():
+        assert np.abs(image(session.pipe) - image(model.pipeline())).max() < 1e-5
+        session.clear()  # and without the adapter the images are the base model's, visibly different
+        assert np.abs(image(session.pipe) - image(model.pipeline())).mean() > 1e-3
+
+
+def test_adapter_file_records_the_run(trained):
+    library, result, model = trained
+    meta = read_adapter_file(library.get("subject").file).meta
+    assert meta["token"] == "sks" and meta["base_model"] == "builtin:tiny-random"
+    assert meta["fingerprint"] == model.fingerprint and meta["steps"] == 30 and meta["rank"] == 8
+    assert meta["text_encoder"] == "lora" and meta["train_token_embedding"] is True
+    assert meta["final_loss"] == result.losses[-1]
+    assert len(library.get("subject").samples) == train.SAMPLE_COUNT
+
+
+def test_corrupt_adapter_file_is_a_user_error(tmp_path, trained):
+    library, _, _ = trained
+    data = library.get("subject").file.read_bytes()
+    cases = {"truncated": data[: len(data) // 2], "garbage": b"not a safetensors file at all",
+             "bad-header": b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}"}
+    for label, content in cases.items():
+        path = tmp_path / f"{label}.safetensors"
+        path.write_bytes(content)
+        with pytest.raises(UserError, match=f"{label}.safetensors: not a readable safetensors file"):
+            read_adapter_file(path)
+
+
+# ----- QLoRA -----
+
+def test_qlora_trains_lora_and_leaves_4bit_weights_alone(tmp_path, session_subject_images, session_prior_dir):
+    from bitsandbytes.nn import Linear4bit
+
+    library = Library(tmp_path / "data")
+    job = create_job(library, tiny_config("q", text_encoder="qlora", steps=4, lr=1e-3), session_subject_images)
+    with capture_models() as captured:
+        # Snapshot right after quantisation, before training touches anything.
+        real_quantize = train.quantize_text_encoder
+        snapshots = {}
+
+        def quantize_and_snapshot(*args, **kwargs):
+            encoder = real_quantize(*args, **kwargs)
+            snapshots.update({name: module.weight.data.clone() for name, module in encoder.named_modules()
+                              if isinstance(module, Linear4bit)})
+            return encoder
+
+        captured._patch.setattr(train, "quantize_text_encoder", quantize_and_snapshot)
+        run_training(library, job, session_prior_dir)
+    encoder = captured.models[0].text_encoder
+    # LoRA wraps each 4-bit layer, which then sits at <name>.base_layer
+    quantized = {name.removesuffix(".base_layer"): module for name, module in encoder.named_modules()
+                 if isinstance(module, Linear4bit)}
+    assert len(quantized) == len(snapshots) >= 8  # every attention projection (at least) is 4-bit
+    for name, module in quantized.items():
+        assert module.weight.data.dtype == torch.uint8  # packed NF4, not dequantised
+        assert torch.equal(module.weight.data, snapshots[name]), name
+        assert not module.weight.requires_grad
+    lora_b = [p for n, p in encoder.named_parameters() if "lora_B" in n]
+    assert len(lora_b) == 8 and all(p.abs().max() > 0 for p in lora_b)  # B starts at zero: it moved
+    saved = read_adapter_file(library.get("q").file)
+    assert len(saved.text_encoder_tensors) == 16 and all(v.dtype == torch.float32 for v in saved.tensors.values())
+
+
+# ----- interrupt and resume -----
+
+def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(tmp_path, session_subject_images,
+                                                                               session_prior_dir):
+    steps, stop_after = 8, 3
+    library = Library(tmp_path / "data")
+    whole = run_training(library, create_job(library, tiny_config("whole", steps=steps), session_subject_images),
+                         session_prior_dir)
+
+    job = create_job(library, tiny_config("resumed", steps=steps), session_subject_images)
+    seen = []
+
+    def stop_after_k():
+        return sum(p.phase == "training" for p in seen) >= stop_after
+
+    with pytest.raises(TrainingStopped) as stopped:
+        run_training(library, job, session_prior_dir, on_progress=seen.append, should_stop=stop_after_k)
+    assert stopped.value.step == stop_after and stopped.value.job_id == job
+    assert "--resume " + job in str(stopped.value)
+    assert (library.job_folder(job) / "checkpoint.safetensors").exists()
+    assert not library.name_taken("resumed")  # no adapter from a stopped run
+
+    progress = []
+    resumed = run_training(library, job, session_prior_dir, on_progress=progress.append)
+    training = [p for p in progress if p.phase == "training"]
+    assert training[0].message == f"resumed at step {stop_after}" and training[0].step == stop_after
+    assert [p.step for p in training[1:]] == list(range(stop_after + 1, steps + 1))
+    assert resumed.losses == whole.losses  # losses before the stop come from the checkpoint
+
+    left, right = read_adapter_file(whole.adapter.file).tensors, read_adapter_file(resumed.adapter.file).tensors
+    assert left.keys() == right.keys()
+    worst = max((left[k] - right[k]).abs().max().item() for k in left)
+    assert worst == 0.0, f"resumed adapter differs from the uninterrupted one by {worst}"
