@@ -117,7 +117,7 @@ def train_tab(library: Library, timer: gr.Timer) -> None:
                     prior_weight = gr.Number(label="Prior weight λ", value=1.0, info="0 disables class priors")
                     num_class_images = gr.Number(label="Class images", value=0, precision=0,
                                                  info="0: the model's default (λ = 0 trains without)", elem_id="adv-class-images")
-                    lr = gr.Number(label="Learning rate", value=1e-4)
+                    lr = gr.Number(label="Learning rate", value=0, info="0: the model's default (1e-4 real, 1e-3 built-in)")
                 with gr.Row():
                     resolution = gr.Number(label="Resolution (px)", value=0, precision=0, info="0: the model's native size")
                     text_encoder = gr.Radio(list(TEXT_ENCODER_MODES), value="none", label="Text encoder")
@@ -231,7 +231,7 @@ def _train_config(num_images, token, class_noun, name, base_model, preset, steps
         token=(token or "").strip(), class_noun=(class_noun or "").strip(), base_model=base_model,
         name=(name or "").strip() or None, steps=_int(steps), rank=_int(rank), alpha=_blank(alpha),
         prior_weight=float(prior_weight or 0.0), num_class_images=_int(_blank(num_class_images)),
-        lr=float(lr) if lr is not None else 1e-4, resolution=_int(_blank(resolution)), text_encoder=text_encoder,
+        lr=_blank(lr), resolution=_int(_blank(resolution)), text_encoder=text_encoder,
         loraplus_ratio=_blank(loraplus), seed=_int(_blank(seed)) or 0,
         train_token_embedding={"auto": None, "on": True, "off": False}[token_embedding],
         checkpoint_every=_int(_blank(checkpoint_every)) or 0,

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float)
     t.add_argument("--prior-weight", type=float, default=1.0, help="lambda; 0 disables class priors")
     t.add_argument("--num-class-images", type=int)
-    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--lr", type=float, default=None, help="default 1e-4 (real models), 1e-3 (built-ins)")
     t.add_argument("--resolution", type=int)
     t.add_argument("--text-encoder", default="none", help="none, lora or qlora")
     t.add_argument("--loraplus-ratio", type=float)

@@ -80,6 +80,13 @@ class TokenEmbedding(torch.nn.Module):
             output = torch.where(mask, self.vectors[row].to(output.dtype), output)
         return output
 
+    @torch.no_grad()
+    def clamp_norm(self, max_norm: float) -> None:
+        """Keep each learned vector no longer than a typical word's, so the identifier cannot drown
+        out the rest of the prompt ("... on a green background")."""
+        norms = self.vectors.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        self.vectors.mul_((max_norm / norms).clamp(max=1.0))
+
     def state(self) -> dict[str, torch.Tensor]:
         return {f"{EMBEDDING_PREFIX}{piece}": self.vectors[i].detach().cpu().contiguous() for i, piece in enumerate(self.tokens)}
 

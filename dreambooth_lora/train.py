@@ -33,6 +33,9 @@ from .paths import atomic_path, prior_root, validate_name
 from .prior import PriorSettings, ensure_prior_images, load_prior_images
 
 SAMPLE_COUNT = 4
+# The identifier may grow to this many times a typical word embedding's norm: 1x kept prompts
+# intact but learned little on the tiny world (fidelity 0.12), no cap let it drown "on a green background".
+NORM_ALLOWANCE = 3.0
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,7 @@ def run_training(
             if scaler:
                 scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            trainables.after_step()
             step += 1
             losses.append(round(loss.item(), 6))
             on_progress(Progress("training", step, config.steps, losses[-1]))
@@ -259,6 +263,10 @@ class Trainables:
         params = lora_parameters(self.model.unet) + lora_parameters(self.model.text_encoder)
         return params + ([self.token_embedding.vectors] if self.token_embedding else [])
 
+    def after_step(self) -> None:
+        if self.token_embedding is not None:
+            self.token_embedding.clamp_norm(self.typical_norm)
+
     def encode(self) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             return self.model.text_encoder(self.prompt_ids)[0].float()
@@ -305,6 +313,8 @@ def attach_trainables(model: BaseModel, config: TrainConfig, device, weight_dtyp
         attach_text_encoder_lora(model.text_encoder, config.rank, config.lora_alpha)
     if config.train_token_embedding:
         trainables.token_embedding = TokenEmbedding.for_token(model.text_encoder, model.tokenizer, config.token).attach(model.text_encoder)
+        table = model.text_encoder.get_input_embeddings().weight
+        trainables.typical_norm = NORM_ALLOWANCE * table.float().norm(dim=-1).mean().item()
     for param in trainables.parameters:
         param.data = param.data.float()  # LoRA weights train in fp32 even when the base runs in bf16/fp16
     return trainables
