@@ -205,12 +205,12 @@ class _ProgressBar:
 
         if progress.message:
             (self.bar.write if self.bar else lambda m: print(m, file=sys.stderr))(progress.message)
-        if progress.total and progress.phase != self.phase:
+        if progress.phase in ("class_images", "training") and progress.total and progress.phase != self.phase:
             self.close()
             self.phase = progress.phase
             label = {"class_images": "class images", "training": "training"}.get(progress.phase, progress.phase)
             self.bar = tqdm(total=progress.total, desc=label, file=sys.stderr, dynamic_ncols=True)
-        if self.bar is not None and progress.total:
+        if self.bar is not None and progress.phase == self.phase:
             self.bar.n = progress.step
             if progress.loss is not None:
                 self.bar.set_postfix(loss=f"{progress.loss:.4f}", refresh=False)

@@ -74,6 +74,7 @@ class AdapterSession:
         self.model = model
         self.pipe = model.pipeline()
         self.loaded: dict[str, str] = {}  # adapter id -> peft adapter name
+        self.fused = False
         self.embeddings: list[TokenEmbedding] = []
 
     def apply(self, adapters: list[tuple[AdapterEntry, float]], fuse: bool = False) -> None:
@@ -93,6 +94,7 @@ class AdapterSession:
             self.pipe.set_adapters(names, weights)
             if fuse:
                 self.pipe.fuse_lora(adapter_names=names)
+                self.fused = True
         if embedding_deltas:
             self.embeddings.append(mixed_token_embedding(self.model, embedding_deltas).attach(self.pipe.text_encoder))
 
@@ -100,8 +102,10 @@ class AdapterSession:
         for embedding in self.embeddings:
             embedding.detach()
         self.embeddings = []
-        if self.loaded:
+        if self.fused:
             self.pipe.unfuse_lora()
+            self.fused = False
+        if self.loaded:
             self.pipe.unload_lora_weights()
             self.loaded = {}
 

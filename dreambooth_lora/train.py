@@ -126,8 +126,7 @@ def run_training(
     class_latents = encode_images(model, class_images) if class_images else None
 
     trainables = attach_trainables(model, config, device, weight_dtype, autocast_dtype)
-    on_progress(Progress("preparing", message=f"identifier-vs-class prompt similarity {trainables.separation:.3f}"
-                         + (" (near 1: a frozen encoder cannot tell them apart)" if trainables.separation > 0.995 else "")))
+    on_progress(Progress("preparing", message=prompt_check_message(trainables.separation, config)))
     optimizer = make_optimizer(trainables, config)
     generator = torch.Generator().manual_seed(config.seed)
     step, losses = 0, []
@@ -188,7 +187,19 @@ def run_training(
 
     on_progress(Progress("saving", step, config.steps, losses[-1] if losses else None))
     entry = save_adapter(library, model, trainables, config, job_id, losses)
+    checkpoint_path.unlink(missing_ok=True)  # the adapter is saved; the checkpoint has no further use
     return TrainResult(entry, job_id, losses, time.time() - started)
+
+
+def prompt_check_message(similarity: float, config: TrainConfig) -> str:
+    """Say whether the base text encoder already tells the instance prompt from the class prompt."""
+    text = f"'{config.instance_prompt}' vs '{config.class_prompt}': text-encoder similarity {similarity:.3f}"
+    if similarity < 0.995:
+        return text + "."
+    if config.train_token_embedding or config.text_encoder != "none":
+        return text + f" (nearly identical, so the '{config.token}' embedding/text encoder is trained to separate them)."
+    return text + (f" (nearly identical: with a frozen text encoder '{config.token}' cannot be learned apart from the "
+                   "class; consider --train-token-embedding).")
 
 
 def _move(module, device, dtype) -> None:

@@ -278,6 +278,7 @@ def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(t
     assert training[0].message == f"resumed at step {stop_after}" and training[0].step == stop_after
     assert [p.step for p in training[1:]] == list(range(stop_after + 1, steps + 1))
     assert resumed.losses == whole.losses  # losses before the stop come from the checkpoint
+    assert not (library.job_folder(job) / "checkpoint.safetensors").exists()  # done: no stale checkpoint
 
     left, right = read_adapter_file(whole.adapter.file).tensors, read_adapter_file(resumed.adapter.file).tensors
     assert left.keys() == right.keys()
