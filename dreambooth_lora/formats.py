@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+
 from safetensors.torch import save_file
 
 from .errors import UserError
 from .library import AdapterEntry, Library
-from .lora import DIFFUSERS_META_KEY, EMBEDDING_PREFIX, STUDIO_META_KEY
+from .lora import DIFFUSERS_META_KEY, EMBEDDING_PREFIX, STUDIO_META_KEY, read_safetensors
 from .paths import atomic_path, validate_name
 
 COMPONENTS = ("unet", "text_encoder")
@@ -78,7 +78,7 @@ class AdapterWeights:
 
 def read_adapter(path: Path) -> AdapterWeights:
     """Read a file in our layout; each layer's alpha comes from diffusers' header metadata (rank/alpha patterns)."""
-    tensors, header = _read_safetensors(Path(path))
+    tensors, header = read_safetensors(Path(path))
     config = json.loads(header.get(DIFFUSERS_META_KEY, "{}"))
     layers = {}
     for key in tensors:
@@ -245,7 +245,7 @@ def import_adapter(library: Library, file: Path, name: str | None, base_model: s
     if not file.is_file():
         raise UserError(f"{file}: no such file.")
     name = check_new_name(library, name or file.name.removesuffix(".safetensors"))
-    tensors, header = _read_safetensors(file)
+    tensors, header = read_safetensors(file)
     model = load_base_model(base_model)
     modules = model_linear_shapes(model)
     fmt, layers, embeddings = parse_lora_file(file, tensors, header, modules)
@@ -390,7 +390,7 @@ def _sidecar_embeddings(file: Path) -> dict[str, torch.Tensor]:
     sidecar = sidecar_path(file)
     if not sidecar.exists():
         return {}
-    tensors, header = _read_safetensors(sidecar)
+    tensors, header = read_safetensors(sidecar)
     if "emb_params" not in tensors:
         raise UserError(f"{sidecar}: not a textual-inversion file (no emb_params).")
     vectors = tensors["emb_params"].reshape(-1, tensors["emb_params"].shape[-1]).float()
@@ -421,16 +421,6 @@ def _check_embeddings(file, embeddings, model) -> None:
 
 
 # ----- helpers -----
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-        raise UserError(f"{path}: not a readable safetensors file ({error}).".replace("\n", " ")) from None
-    return tensors, header
-
 
 def _alpha_from_config(config: dict, component: str, module: str, rank: int) -> float:
     """Alpha as diffusers/PEFT resolve it: alpha_pattern, else lora_alpha, else rank (no metadata: scale 1)."""

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -159,24 +159,21 @@ def write_adapter_file(path, tensors: dict[str, torch.Tensor], meta: dict, rank:
     save_file(tensors, str(path), metadata=header)
 
 
-def read_adapter_file(path) -> AdapterFile:
-    """Load an adapter written by write_adapter_file (safetensors only, never pickle)."""
+def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header of an untrusted file (safetensors only, never pickle), or a UserError."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             header = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise UserError(f"{path}: not a readable safetensors file ({error}).".replace("\n", " ")) from None
-    meta = json.loads(header.get(STUDIO_META_KEY, "{}"))
-    return AdapterFile(tensors, meta)
+    return tensors, header
 
 
-def load_lora_into(module, tensors: dict[str, torch.Tensor], rank: int, alpha: float, targets: list[str]) -> None:
-    """Attach a fresh LoRA to `module` and load `tensors` (peft keys); used by training resume."""
-    result = set_peft_model_state_dict(module, tensors, adapter_name=ADAPTER_NAME)
-    unexpected = getattr(result, "unexpected_keys", None) or []
-    if unexpected:
-        raise UserError(f"Checkpoint holds {len(unexpected)} LoRA weights this model has no place for.")
+def read_adapter_file(path) -> AdapterFile:
+    """Load an adapter written by write_adapter_file."""
+    tensors, header = read_safetensors(path)
+    return AdapterFile(tensors, json.loads(header.get(STUDIO_META_KEY, "{}")))
 
 
 def _strip_prefix(tensors: dict, prefix: str) -> dict:

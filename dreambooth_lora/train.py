@@ -18,8 +18,6 @@ from .errors import UserError
 from .images import expand_image_paths, load_subject_images
 from .library import AdapterEntry, Library
 from .lora import (
-    TEXT_ENCODER_TARGETS,
-    UNET_TARGETS,
     TokenEmbedding,
     attach_text_encoder_lora,
     attach_unet_lora,
@@ -395,5 +393,3 @@ def save_adapter(library: Library, model: BaseModel, trainables: Trainables, con
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
-
-__all__ = ["Progress", "TrainingStopped", "TrainResult", "create_job", "run_training", "UNET_TARGETS", "TEXT_ENCODER_TARGETS"]
