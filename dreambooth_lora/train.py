@@ -18,6 +18,7 @@ from .errors import UserError
 from .images import expand_image_paths, load_subject_images
 from .library import AdapterEntry, Library
 from .lora import (
+    EMBEDDING_PREFIX,
     TokenEmbedding,
     attach_text_encoder_lora,
     attach_unet_lora,
@@ -304,7 +305,7 @@ class Trainables:
             set_peft_model_state_dict(self.model.text_encoder, strip("text_encoder."), adapter_name="default")
         if self.token_embedding is not None:
             for row, piece in enumerate(self.token_embedding.tokens):
-                self.token_embedding.vectors.data[row] = tensors[f"lora_token_embedding.{piece}"].to(self.device)
+                self.token_embedding.vectors.data[row] = tensors[EMBEDDING_PREFIX + piece].to(self.device)
 
 
 def attach_trainables(model: BaseModel, config: TrainConfig, device, weight_dtype, autocast_dtype) -> Trainables:
@@ -358,12 +359,12 @@ def make_optimizer(trainables: Trainables, config: TrainConfig) -> torch.optim.A
 
 
 @torch.no_grad()
-def generate_samples(model: BaseModel, trainables: Trainables, config: TrainConfig, count: int, prompt: str | None = None):
+def generate_samples(model: BaseModel, trainables: Trainables, config: TrainConfig, count: int):
     pipe = model.pipeline()
     generators = [torch.Generator().manual_seed(config.seed + i) for i in range(count)]
     with torch.autocast(trainables.device.type, dtype=trainables.autocast_dtype, enabled=trainables.autocast_dtype is not None):
         return pipe(
-            [prompt or config.instance_prompt] * count, num_inference_steps=20, guidance_scale=5.0,
+            [config.instance_prompt] * count, num_inference_steps=20, guidance_scale=5.0,
             height=config.resolution, width=config.resolution, generator=generators,
         ).images
 
