@@ -29,6 +29,10 @@ def main() -> int:
     parser.add_argument("--unet-steps", type=int)
     parser.add_argument("--unet-batch", type=int)
     parser.add_argument("--vae-batch", type=int)
+    parser.add_argument("--unet-lr", type=float)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--solid-share", type=float, help="share of one-colour objects in the data (default 0.7)")
+    parser.add_argument("--init-from", help="continue from this tiny-world folder (keeps its VAE)")
     parser.add_argument("--minutes", type=float, help="time budget for the UNet phase")
     parser.add_argument("--vae-minutes", type=float, help="time budget for the VAE phase")
     parser.add_argument("--cpu-budget", action="store_true", help="sizes that fit 2 CPU cores in about an hour")
@@ -41,7 +45,8 @@ def main() -> int:
         config = replace(config, dataset_size=60_000, vae_steps=1500, vae_batch=64, unet_steps=8000, unet_batch=64, minutes=45)
     overrides = {k: v for k, v in dict(dataset_size=args.dataset_size, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                                         unet_batch=args.unet_batch, vae_batch=args.vae_batch, minutes=args.minutes,
-                                        vae_minutes=args.vae_minutes).items() if v is not None}
+                                        vae_minutes=args.vae_minutes, unet_lr=args.unet_lr,
+                                        warmup=args.warmup, init_from=args.init_from, solid_share=args.solid_share).items() if v is not None}
     config = replace(config, **overrides)
     log_file = open(args.log, "a") if args.log else None
 

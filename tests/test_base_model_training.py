@@ -27,3 +27,28 @@ def test_train_base_model_exports_a_pipeline_that_loads_and_resumes(tmp_path):
     again = train_base_model(config, tmp_path / "work", tmp_path / "out2", torch.device("cpu"), log=logs.append)
     for a, b in zip(model.unet.parameters(), again.unet.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_init_from_continues_a_shipped_model_and_keeps_its_vae(tmp_path):
+    from safetensors.torch import load_file
+
+    from dreambooth_lora.models import BUILTIN_DIR
+
+    source = BUILTIN_DIR / "tiny-world"
+    # Zero further steps: the export must be the source model itself (VAE, UNet, text encoder, scaling).
+    config = BaseTrainConfig(dataset_size=16, unet_steps=0, unet_batch=4, init_from=str(source), solid_share=0.4)
+    train_base_model(config, tmp_path / "work", tmp_path / "out", torch.device("cpu"), log=lambda record: None)
+    for part in ("vae/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        before, after = load_file(source / part), load_file(tmp_path / "out" / part)
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), part
+    import json
+
+    scaling = lambda folder: json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]
+    assert scaling(tmp_path / "out") == scaling(source)
+
+    # A few steps move the UNet away from the source.
+    config = BaseTrainConfig(dataset_size=16, unet_steps=2, unet_batch=4, warmup=1, init_from=str(source))
+    train_base_model(config, tmp_path / "work2", tmp_path / "out2", torch.device("cpu"), log=lambda record: None)
+    before, after = load_file(source / "unet/diffusion_pytorch_model.safetensors"), load_file(tmp_path / "out2/unet/diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -46,6 +46,8 @@ class BaseTrainConfig:
     minutes: float = 0.0  # >0: shorten the UNet phase to fit this wall-clock budget
     vae_minutes: float = 0.0  # >0: likewise for the VAE phase
     checkpoint_every: int = 1000
+    solid_share: float = world.SOLID_PROBABILITY  # lower it to show the UNet more two-colour looks
+    init_from: str = ""  # a tiny-world diffusers folder: keep its VAE, continue its UNet and text encoder
 
 
 def build_components(tokenizer):
@@ -70,19 +72,20 @@ def build_components(tokenizer):
 
 
 def _render_chunk(args) -> tuple[np.ndarray, list[str], list[dict]]:
-    seed, count = args
+    seed, count, solid_share = args
     images, captions, scenes = [], [], []
-    for image, caption, scene in world.dataset(count, seed, exclude_held_out=True):
+    for image, caption, scene in world.dataset(count, seed, exclude_held_out=True, solid_probability=solid_share):
         images.append(np.asarray(image))
         captions.append(caption)
         scenes.append(asdict(scene))
     return np.stack(images), captions, scenes
 
 
-def render_dataset(size: int, seed: int, processes: int | None = None) -> tuple[torch.Tensor, list[str]]:
+def render_dataset(size: int, seed: int, solid_share: float = world.SOLID_PROBABILITY,
+                   processes: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """`size` base-world images (uint8 NCHW) and captions; chunks are seeded so the result is the same on any core count."""
     chunk = 5000
-    jobs = [(seed * 1_000_003 + i, min(chunk, size - i * chunk)) for i in range(math.ceil(size / chunk))]
+    jobs = [(seed * 1_000_003 + i, min(chunk, size - i * chunk), solid_share) for i in range(math.ceil(size / chunk))]
     with Pool(processes or os.cpu_count()) as pool:
         parts = pool.map(_render_chunk, jobs)
     images = torch.from_numpy(np.concatenate([p[0] for p in parts])).permute(0, 3, 1, 2).contiguous()
@@ -225,12 +228,19 @@ def train_base_model(config: BaseTrainConfig, work: Path, out: Path, device: tor
     vae, text_encoder, unet = build_components(tokenizer)
     log({"params": {"vae": _count(vae), "text_encoder": _count(text_encoder), "unet": _count(unet)}})
     started = time.time()
-    images, captions = render_dataset(config.dataset_size, config.seed)
+    images, captions = render_dataset(config.dataset_size, config.seed, config.solid_share)
     log({"phase": "render", "images": len(captions), "s": round(time.time() - started, 1)})
+    if config.init_from:
+        load_components(Path(config.init_from), vae, text_encoder, unet)
+        if not (work / "vae.safetensors").exists():
+            with atomic_path(work / "vae.safetensors") as tmp:
+                save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp))
     train_vae(vae, images, config, work, device, log)
     vae.to(device).eval()
     latents = encode_dataset(vae, images, device)
     scaling = float(1.0 / latents.std())  # unit-variance latents, as SD's 0.18215 does for its VAE
+    if config.init_from:  # the UNet being continued learned with the source's scaling
+        scaling = json.loads((Path(config.init_from) / "vae" / "config.json").read_text())["scaling_factor"]
     vae.register_to_config(scaling_factor=scaling)
     log({"phase": "latents", "std": round(float(latents.std()), 4), "scaling_factor": round(scaling, 4)})
     train_unet(unet, text_encoder, tokenizer, latents, captions, scaling, config, work, device, log)
@@ -238,6 +248,13 @@ def train_base_model(config: BaseTrainConfig, work: Path, out: Path, device: tor
                       tokenizer, sd_scheduler_config(), world.IMAGE_SIZE)
     export(model, out, config)
     return model
+
+
+def load_components(folder: Path, vae, text_encoder, unet) -> None:
+    """Start from a shipped tiny-world folder (fp16 weights, upcast into the fp32 modules)."""
+    vae.load_state_dict(load_file(folder / "vae" / "diffusion_pytorch_model.safetensors"))
+    unet.load_state_dict(load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    text_encoder.load_state_dict(load_file(folder / "text_encoder" / "model.safetensors"))
 
 
 def export(model: BaseModel, out: Path, config: BaseTrainConfig) -> None:
@@ -253,17 +270,38 @@ def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+# Seen two-colour looks (none is a subject look): does the base draw the pattern it is asked for?
+PATTERN_PROMPTS = (
+    ("ball", "halves", ("red", "yellow")), ("ball", "split", ("red", "magenta")), ("ball", "stripes", ("blue", "cyan")),
+    ("box", "split", ("red", "yellow")), ("box", "halves", ("blue", "cyan")), ("box", "stripes", ("magenta", "pink")),
+    ("ring", "split", ("pink", "red")), ("ring", "stripes", ("red", "magenta")), ("triangle", "halves", ("blue", "magenta")),
+    ("cross", "split", ("yellow", "pink")), ("triangle", "stripes", ("red", "yellow")), ("cross", "halves", ("red", "pink")),
+)
+
+
 @torch.no_grad()
 def prompt_following(model: BaseModel, per_prompt: int = 16, guidance: float = 5.0, steps: int = 20, device="cpu") -> dict:
-    """Share of held-out-combination generations whose class, colour and background the analyser reads as asked."""
+    """Share of generations the analyser reads as asked: held-out solid combinations (class, colour,
+    background) and seen two-colour looks (class, pattern, colour pair)."""
     pipe = model.pipeline().to(device)
-    results = {}
-    for cls, colour, background in world.HELD_OUT:
-        prompt = world.compose_caption(cls, "solid", (colour,), background, True)
+
+    def generate(prompt: str) -> list:
         generators = [torch.Generator().manual_seed(i) for i in range(per_prompt)]
         latents = torch.stack([torch.randn((4, 8, 8), generator=g) for g in generators]).to(device)
         images = pipe([prompt] * per_prompt, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32, latents=latents).images
-        reads = [analyser.analyse(image) for image in images]
-        ok = [r.cls == cls and tuple(r.colours) == (colour,) and r.background == background for r in reads]
-        results[prompt] = sum(ok) / len(ok)
-    return {"held_out_all_correct": round(sum(results.values()) / len(results), 4), "per_prompt": results}
+        return [analyser.analyse(image) for image in images]
+
+    held_out, patterned = {}, {}
+    for cls, colour, background in world.HELD_OUT:
+        prompt = world.compose_caption(cls, "solid", (colour,), background, True)
+        ok = [r.cls == cls and tuple(r.colours) == (colour,) and r.background == background for r in generate(prompt)]
+        held_out[prompt] = sum(ok) / len(ok)
+    for cls, pattern, colours in PATTERN_PROMPTS:
+        prompt = world.compose_caption(cls, pattern, colours, None, True)
+        ok = [r.cls == cls and r.pattern == pattern and set(r.colours) == set(colours) for r in generate(prompt)]
+        patterned[prompt] = sum(ok) / len(ok)
+    return {
+        "held_out_all_correct": round(sum(held_out.values()) / len(held_out), 4),
+        "patterned_correct": round(sum(patterned.values()) / len(patterned), 4),
+        "per_prompt": held_out | patterned,
+    }

@@ -159,12 +159,12 @@ def scene_for(
     return Scene(cls, pattern, canonical_colours(pattern, tuple(colours)), background, size, x, y)
 
 
-def sample(rng: np.random.Generator, exclude_held_out: bool = False) -> Scene:
+def sample(rng: np.random.Generator, exclude_held_out: bool = False, solid_probability: float = SOLID_PROBABILITY) -> Scene:
     """One random base-world scene; never a subject look, and never held out if asked."""
     while True:
         cls = CLASSES[rng.integers(len(CLASSES))]
         background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-        if rng.random() < SOLID_PROBABILITY:
+        if rng.random() < solid_probability:
             pattern, colours = "solid", (COLOURS[rng.integers(len(COLOURS))],)
         else:
             pattern = PATTERNS[1 + rng.integers(len(PATTERNS) - 1)]
@@ -315,12 +315,12 @@ def vocabulary() -> list[str]:
 
 
 def dataset(
-    n: int, seed: int, exclude_held_out: bool = False
+    n: int, seed: int, exclude_held_out: bool = False, solid_probability: float = SOLID_PROBABILITY
 ) -> Iterator[tuple[Image.Image, str, Scene]]:
     """n seeded (image, caption variant, scene) triples of the base world; no subject looks."""
     rng = np.random.default_rng(seed)
     for _ in range(n):
-        scene = sample(rng, exclude_held_out)
+        scene = sample(rng, exclude_held_out, solid_probability)
         yield render(scene), caption_variant(scene, rng), scene
 
 
