@@ -3,6 +3,9 @@
 
     python scripts/train_tiny_world.py --work tw_work --out dreambooth_lora/builtin/tiny-world
     python scripts/train_tiny_world.py --cpu-budget   # sized for 2 CPU cores, run in the background
+    # stage 2 (what ships): continue stage 1's UNet and text encoder on more two-colour objects
+    python scripts/train_tiny_world.py --work tw2 --init-from <stage-1 folder> --solid-share 0.4 \
+        --unet-batch 2048 --warmup 200 --unet-steps 3338
 """
 
 from __future__ import annotations

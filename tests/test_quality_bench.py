@@ -2,39 +2,34 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "quality.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("quality_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from dreambooth_lora.tinyworld import quality
 
 
 def test_diversity_distance_is_zero_for_equal_and_one_for_disjoint_attributes():
-    bench = load_bench()
     from dreambooth_lora.tinyworld.analyser import Attributes
 
     a = [Attributes("ball", ("red",), "solid", "white"), Attributes("ball", ("blue",), "solid", "black")]
     b = [Attributes("ball", ("yellow",), "split", "gray")] * 2
-    assert bench.diversity_distance(a, list(reversed(a))) == 0.0
-    assert bench.diversity_distance(a, b) == pytest.approx(1.0)
+    assert quality.diversity_distance(a, list(reversed(a))) == 0.0
+    assert quality.diversity_distance(a, b) == pytest.approx(1.0)
+
+
+def test_full_plan_covers_every_subject_both_lambdas_two_seeds_and_each_text_encoder_mode():
+    from dreambooth_lora.tinyworld import world
+
+    runs = quality.plan(quick=False)
+    assert len(runs) == len(set(runs)) == len(world.SUBJECTS) * 2 * 2 + 2
+    assert {(r.subject, r.prior_weight, r.seed) for r in runs if r.text_encoder == "none"} == {
+        (s, lam, seed) for s in world.SUBJECTS for lam in (0.0, 1.0) for seed in (0, 1)}
+    assert {r.text_encoder for r in runs} == {"none", "lora", "qlora"}
+    assert [(r.prior_weight, r.seed) for r in quality.plan(quick=True)] == [(1.0, 0), (0.0, 0)]
 
 
 @pytest.mark.slow
-def test_quick_bench_reports_every_metric_and_priors_reduce_leak(monkeypatch, tmp_path):
-    bench = load_bench()
-    monkeypatch.setattr(bench.tempfile, "mkdtemp", lambda prefix="": str(tmp_path))
-    args = argparse.Namespace(quick=True, samples=16, steps=None, lr=None, token_lr=None, batch_size=None,
-                              text_encoder="none", machine="test")
-    report = bench.run(args)
+def test_quick_bench_reports_every_metric_and_priors_reduce_leak(tmp_path):
+    report = quality.run_bench(True, quality.Settings(samples=16), workers=2, machine="test", work=tmp_path)
     rows = {row["prior_weight"]: row for row in report["runs"]}
     assert set(rows) == {0.0, 1.0}
     for row in rows.values():
@@ -42,5 +37,7 @@ def test_quick_bench_reports_every_metric_and_priors_reduce_leak(monkeypatch, tm
             assert 0.0 <= row[key] <= 1.0
     # lambda = 0 lets the subject leak into its class; priors keep "a photo of a ball" the base model's.
     assert rows[1.0]["prior_leak"] < rows[0.0]["prior_leak"]
-    assert rows[0.0]["subject_fidelity"] > 0.25  # the subject is learned at all
+    assert rows[1.0]["class_diversity_tv"] < rows[0.0]["class_diversity_tv"]
+    assert rows[1.0]["subject_fidelity"] > 0.5  # the subject is learned with priors on too
     assert report["vae_ceiling"]["redyellow-ball"] == 1.0
+    assert report["base"]["redyellow-ball"]["fidelity"] < 0.2  # the base model alone does not draw it

@@ -1,0 +1,264 @@
+"""Personalisation quality on builtin:tiny-world, judged by the world's analyser (the engine of bench/quality.py).
+
+For each shipped subject: train with the product's defaults at lambda = 1 and lambda = 0 and measure
+subject_fidelity ("a photo of sks <class>" images judged to be the subject), prior_leak (plain
+"a photo of a <class>" images judged to be the subject), class_diversity (total-variation distance
+between the attributes of plain class images and the base model's), recontext (asked background
+obeyed in "a photo of sks <class> on a green background", and how many of those are the subject),
+plus text encoder none/lora/qlora for one subject.
+
+The work is a list of independent tasks (class images, base-model baselines, one training + evaluation
+per run) spread over worker processes of one thread each: a training step of this small model gains
+little from a second thread, so two single-threaded workers nearly double throughput on 2 cores.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+MODEL = "builtin:tiny-world"
+TOKEN = "sks"
+RECONTEXT_BACKGROUND = "green"  # never behind a shipped instance image
+ATTRIBUTES = ("colours", "pattern", "background")
+EVAL_SEED = 10_000
+
+
+@dataclass(frozen=True)
+class Run:
+    subject: str
+    prior_weight: float
+    seed: int
+    text_encoder: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.subject}-l{self.prior_weight:g}-s{self.seed}-{self.text_encoder}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the bench varies; None keeps the product's default for the built-in model."""
+
+    samples: int = 32
+    steps: int | None = None
+    lr: float | None = None
+    token_lr: float | None = None
+    batch_size: int | None = None
+    text_encoder: str = "none"
+
+
+def prompts(cls: str) -> dict[str, str]:
+    return {
+        "instance": f"a photo of {TOKEN} {cls}",
+        "class": f"a photo of a {cls}",
+        "recontext": f"a photo of {TOKEN} {cls} on a {RECONTEXT_BACKGROUND} background",
+    }
+
+
+def plan(quick: bool, text_encoder: str = "none") -> list[Run]:
+    """Quick: one subject, one seed, lambda {1, 0}. Full: every subject x lambda x 2 seeds + the other TE modes."""
+    from . import world
+
+    subjects = list(world.SUBJECTS)[: 1 if quick else None]
+    seeds = [0] if quick else [0, 1]
+    runs = [Run(s, lam, seed, text_encoder) for s in subjects for lam in (1.0, 0.0) for seed in seeds]
+    if not quick:
+        runs += [Run(subjects[0], 1.0, 0, mode) for mode in ("none", "lora", "qlora") if mode != text_encoder]
+    return runs
+
+
+# ---------------------------------------------------------------- the maths (pure)
+
+
+def total_variation(a: Counter, b: Counter) -> float:
+    na, nb = sum(a.values()) or 1, sum(b.values()) or 1
+    return 0.5 * sum(abs(a[k] / na - b[k] / nb) for k in set(a) | set(b))
+
+
+def diversity_distance(readings: list, base_readings: list) -> float:
+    """Mean total-variation distance of each attribute's distribution (colour set, pattern, background).
+
+    Per-attribute marginals rather than the joint: with tens of samples a joint over ~100 combinations
+    is mostly sampling noise.
+    """
+    def counts(rows, name):
+        return Counter(tuple(sorted(getattr(r, name))) if name == "colours" else getattr(r, name) for r in rows)
+
+    return sum(total_variation(counts(readings, n), counts(base_readings, n)) for n in ATTRIBUTES) / len(ATTRIBUTES)
+
+
+def summarise(results: list[dict]) -> dict:
+    def mean(rows, key):
+        return round(sum(r[key] for r in rows) / len(rows), 3) if rows else None
+
+    main_mode = results[0]["text_encoder"]
+    summary = {}
+    for lam in (1.0, 0.0):
+        rows = [r for r in results if r["prior_weight"] == lam and r["text_encoder"] == main_mode]
+        summary[f"lambda={lam:g}"] = {k: mean(rows, k) for k in ("subject_fidelity", "prior_leak", "class_diversity_tv", "recontext", "recontext_subject", "train_seconds")}
+    for mode in ("none", "lora", "qlora"):
+        rows = [r for r in results if r["prior_weight"] == 1.0 and r["text_encoder"] == mode and r["subject"] == results[0]["subject"] and r["seed"] == 0]
+        if rows:
+            summary[f"text_encoder={mode}"] = {k: mean(rows, k) for k in ("subject_fidelity", "prior_leak", "class_diversity_tv", "recontext", "recontext_subject", "train_seconds")}
+    return summary
+
+
+# ---------------------------------------------------------------- tasks (each runs in a worker)
+
+
+def evaluate(session, subject: str, cls: str, samples: int) -> dict:
+    """Generate each prompt `samples` times with fixed seeds and read the images back."""
+    from ..generate import GenerateSettings
+    from . import analyser
+
+    out = {}
+    for role, prompt in prompts(cls).items():
+        images = session.generate(GenerateSettings(prompt=prompt, num_images=samples, seed=EVAL_SEED))
+        readings = [analyser.analyse(image) for image in images]
+        out[role] = {
+            "subject": sum(analyser.is_subject(image, subject) for image in images) / samples,
+            "background": sum(r.background == RECONTEXT_BACKGROUND for r in readings) / samples,
+            "readings": readings,
+        }
+    return out
+
+
+def vae_ceiling(model, subject: str) -> float:
+    """Share of the subject's instance images the VAE can reconstruct as the subject: fidelity's ceiling."""
+    import torch
+    from PIL import Image
+
+    from ..train import _to_tensor
+    from . import analyser, world
+
+    paths = world.subject_image_paths(subject)
+    pixels = torch.stack([_to_tensor(Image.open(p).convert("RGB")) for p in paths])
+    with torch.no_grad():
+        recon = model.vae.decode(model.vae.encode(pixels).latent_dist.mean).sample
+    arrays = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return sum(analyser.is_subject(a, subject) for a in arrays) / len(arrays)
+
+
+def baseline_task(subject: str, samples: int) -> tuple[str, dict, float]:
+    """The base model on the subject's prompts, and the VAE ceiling for the subject."""
+    from ..generate import AdapterSession
+    from ..models import load_base_model
+    from . import world
+
+    base = load_base_model(MODEL)
+    scores = evaluate(AdapterSession(base), subject, world.SUBJECTS[subject].cls, samples)
+    return subject, scores, vae_ceiling(base, subject)
+
+
+def class_images_task(cls: str, work: Path) -> str:
+    """Generate the class's prior images into the shared cache, exactly as a training run would."""
+    from ..config import TrainConfig
+    from ..models import load_base_model
+    from ..paths import prior_root
+    from ..prior import PriorSettings, ensure_prior_images
+
+    base = load_base_model(MODEL)
+    config = TrainConfig(token=TOKEN, class_noun=cls, base_model=MODEL).resolved(4, True, base.native_resolution)
+    ensure_prior_images(base, PriorSettings(prompt=config.class_prompt, resolution=config.resolution),
+                        config.num_class_images, prior_root(work / "prior"))
+    return cls
+
+
+def train_and_evaluate(run: Run, settings: Settings, work: Path) -> dict:
+    """Train one adapter with the product's defaults (bar the settings' overrides) and score it."""
+    from ..config import TrainConfig
+    from ..generate import AdapterSession
+    from ..library import Library
+    from ..models import load_base_model
+    from ..train import create_job, run_training
+    from . import world
+
+    subject = world.SUBJECTS[run.subject]
+    overrides = {k: v for k, v in dict(steps=settings.steps, lr=settings.lr, token_lr=settings.token_lr,
+                                        batch_size=settings.batch_size).items() if v is not None}
+    config = TrainConfig(token=TOKEN, class_noun=subject.cls, base_model=MODEL, name=run.name,
+                         prior_weight=run.prior_weight, seed=run.seed, text_encoder=run.text_encoder, **overrides)
+    library = Library(work / f"data-{run.name}")  # one library per run: workers never share a database
+    job = create_job(library, config, world.subject_image_paths(run.subject))
+    started = time.time()
+    result = run_training(library, job, prior_dir=work / "prior")
+    seconds = time.time() - started
+    session = AdapterSession(load_base_model(MODEL))
+    session.apply([(result.adapter, 1.0)], fuse=True)
+    scores = evaluate(session, run.subject, subject.cls, settings.samples)
+    return {
+        **asdict(run), "steps": result.adapter.steps, "train_seconds": round(seconds, 1),
+        "subject_fidelity": scores["instance"]["subject"],
+        "prior_leak": scores["class"]["subject"],
+        "recontext": scores["recontext"]["background"],
+        "recontext_subject": scores["recontext"]["subject"],
+        "final_loss": result.losses[-1],
+        "class_readings": scores["class"]["readings"],
+    }
+
+
+def _start_worker() -> None:
+    import torch
+
+    from ..cli import _quiet_libraries
+
+    torch.set_num_threads(1)
+    _quiet_libraries()
+
+
+# ---------------------------------------------------------------- the whole bench
+
+
+def _run_tasks(pool, runs: list[Run], settings: Settings, work: Path, on_row) -> tuple[dict, list[dict]]:
+    from . import world
+
+    subjects = list(dict.fromkeys(r.subject for r in runs))
+    classes = sorted({world.SUBJECTS[r.subject].cls for r in runs if r.prior_weight > 0})
+    # Class images first (lambda > 0 runs need them), then work that needs nothing; the longer
+    # lambda = 1 runs go in as soon as the class images exist.
+    prior_jobs = [pool.apply_async(class_images_task, (cls, work)) for cls in classes]
+    baseline_jobs = [pool.apply_async(baseline_task, (s, settings.samples)) for s in subjects]
+    run_jobs = [pool.apply_async(train_and_evaluate, (r, settings, work)) for r in runs if r.prior_weight == 0]
+    for job in prior_jobs:
+        job.get()
+    run_jobs += [pool.apply_async(train_and_evaluate, (r, settings, work)) for r in runs if r.prior_weight > 0]
+    baselines = {subject: (scores, ceiling) for subject, scores, ceiling in (job.get() for job in baseline_jobs)}
+    rows = []
+    for job in run_jobs:
+        row = job.get()
+        base_class = baselines[row["subject"]][0]["class"]["readings"]
+        row["class_diversity_tv"] = round(diversity_distance(row.pop("class_readings"), base_class), 3)
+        rows.append(row)
+        on_row(row)
+    return baselines, rows
+
+
+def run_bench(quick: bool, settings: Settings, workers: int = 2, machine: str = "", work: Path | None = None,
+              on_row=lambda row: None) -> dict:
+    """Run every task of the plan on `workers` processes and return the report (rows, summary, ceilings)."""
+    started = time.time()
+    work = Path(work or tempfile.mkdtemp(prefix="dbl-quality-"))
+    runs = plan(quick, settings.text_encoder)
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker)
+    try:
+        baselines, rows = _run_tasks(pool, runs, settings, work, on_row)
+        pool.close()  # a clean exit: no leaked semaphores, workers end on their own
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+    order = {run: index for index, run in enumerate(runs)}
+    rows.sort(key=lambda r: order[Run(r["subject"], r["prior_weight"], r["seed"], r["text_encoder"])])
+    return {
+        "model": MODEL, "samples_per_prompt": settings.samples, "machine": machine, "workers": workers,
+        "vae_ceiling": {s: ceiling for s, (_, ceiling) in baselines.items()},
+        "base": {s: {"leak": scores["class"]["subject"], "fidelity": scores["instance"]["subject"],
+                     "recontext": scores["recontext"]["background"]} for s, (scores, _) in baselines.items()},
+        "runs": rows, "summary": summarise(rows), "seconds": round(time.time() - started, 1),
+    }
