@@ -30,10 +30,25 @@ def print_table(report: dict) -> None:
     print(f"{len(report['runs'])} trainings on {report['workers']} workers in {report['seconds']} s ({report['machine']})")
 
 
+def markdown(report: dict) -> str:
+    """The summary and per-run tables as Markdown, for the README."""
+    head = "| setting | " + " | ".join(COLUMNS) + " |\n|---" * 1 + "|---" * len(COLUMNS) + "|\n"
+    lines = [head.rstrip("\n")]
+    for name, values in report["summary"].items():
+        lines.append(f"| {name} | " + " | ".join("" if values.get(c) is None else f"{values[c]:g}" for c in COLUMNS) + " |")
+    lines += ["", "| subject | λ | seed | text encoder | fidelity | leak | diversity TV | recontext (background) | recontext (subject) | train s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        lines.append(f"| {r['subject']} | {r['prior_weight']:g} | {r['seed']} | {r['text_encoder']} | {r['subject_fidelity']:.3f} | "
+                     f"{r['prior_leak']:.3f} | {r['class_diversity_tv']:.3f} | {r['recontext']:.3f} | {r['recontext_subject']:.3f} | {r['train_seconds']} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the JSON report on stdout after the table")
+    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown after the table")
     parser.add_argument("--samples", type=int, default=32, help="images per prompt")
     parser.add_argument("--steps", type=int, default=None, help="override the default steps")
     parser.add_argument("--lr", type=float, default=None)
@@ -48,6 +63,8 @@ def main() -> int:
     report = run_bench(args.quick, settings, args.workers, args.machine,
                        on_row=lambda row: print(json.dumps(row), file=sys.stderr, flush=True))
     print_table(report)
+    if args.markdown:
+        print(markdown(report))
     if args.json:
         print(json.dumps(report, indent=1))
     return 0

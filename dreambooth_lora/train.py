@@ -32,9 +32,10 @@ from .paths import atomic_path, prior_root, validate_name
 from .prior import PriorSettings, ensure_prior_images, load_prior_images
 
 SAMPLE_COUNT = 4
-# The identifier may grow to this many times a typical word embedding's norm: 1x kept prompts
-# intact but learned little on the tiny world (fidelity 0.12), no cap let it drown "on a green background".
-NORM_ALLOWANCE = 3.0
+# The identifier may grow to this many times a typical word embedding's norm. On the tiny world a
+# 1x cap learned little (fidelity 0.12) and no cap let it drown "on a green background"; with the
+# stage-2 base, 6x beat 3x on the four hardest lambda=1 runs (fidelity 0.86 vs 0.77, background kept).
+NORM_ALLOWANCE = 6.0
 
 
 @dataclass(frozen=True)
