@@ -81,7 +81,12 @@ def sd_scheduler_config() -> dict:
 
 def build_tiny_random(seed: int = 0) -> BaseModel:
     """A complete SD-layout model with random weights, small enough for sub-second CPU steps."""
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # seeded weights, and the caller's random state left alone
+        torch.manual_seed(seed)
+        return _build_tiny_random()
+
+
+def _build_tiny_random() -> BaseModel:
     tokenizer = build_tokenizer()
     unet = UNet2DConditionModel(
         sample_size=16,

@@ -125,7 +125,9 @@ def run_training(
     instance_latents = encode_images(model, instance_images)
     class_latents = encode_images(model, class_images) if class_images else None
 
-    trainables = attach_trainables(model, config, device, weight_dtype, autocast_dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # LoRA's initial A matrices: from the run's seed, not from what ran before
+        trainables = attach_trainables(model, config, device, weight_dtype, autocast_dtype)
     on_progress(Progress("preparing", message=prompt_check_message(trainables.separation, config)))
     optimizer = make_optimizer(trainables, config)
     generator = torch.Generator().manual_seed(config.seed)

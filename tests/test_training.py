@@ -284,3 +284,17 @@ def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(t
     assert left.keys() == right.keys()
     worst = max((left[k] - right[k]).abs().max().item() for k in left)
     assert worst == 0.0, f"resumed adapter differs from the uninterrupted one by {worst}"
+
+
+def test_a_run_depends_on_its_seed_alone_not_on_what_ran_before_in_the_process(tmp_path, session_subject_images,
+                                                                                session_prior_dir):
+    library = Library(tmp_path / "data")
+    adapters = []
+    for name, global_seed in (("first", 1), ("second", 2)):
+        torch.manual_seed(global_seed)  # e.g. the studio's worker ran other jobs before this one
+        result = run_training(library, create_job(library, tiny_config(name, steps=2), session_subject_images),
+                              session_prior_dir)
+        adapters.append(read_adapter_file(result.adapter.file).tensors)
+    left, right = adapters
+    assert left.keys() == right.keys()
+    assert all(torch.equal(left[k], right[k]) for k in left)
