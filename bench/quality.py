@@ -32,13 +32,23 @@ def print_table(report: dict) -> None:
 
 def markdown(report: dict) -> str:
     """The summary and per-run tables as Markdown, for the README."""
-    head = "| setting | " + " | ".join(COLUMNS) + " |\n|---" * 1 + "|---" * len(COLUMNS) + "|\n"
-    lines = [head.rstrip("\n")]
+    runs = report["runs"]
+    first = runs[0]
+
+    def label(name: str) -> tuple[str, int]:
+        key, value = name.split("=")
+        if key == "lambda":
+            rows = [r for r in runs if r["prior_weight"] == float(value) and r["text_encoder"] == first["text_encoder"]]
+            return f"λ = {value}, text encoder {first['text_encoder']}, all subjects", len(rows)
+        return f"{first['subject']}, λ = 1, seed 0, text encoder {value}", 1
+
+    lines = ["| setting | runs | " + " | ".join(COLUMNS) + " |", "|---|---" + "|---" * len(COLUMNS) + "|"]
     for name, values in report["summary"].items():
-        lines.append(f"| {name} | " + " | ".join("" if values.get(c) is None else f"{values[c]:g}" for c in COLUMNS) + " |")
+        text, count = label(name)
+        lines.append(f"| {text} | {count} | " + " | ".join("" if values.get(c) is None else f"{values[c]:g}" for c in COLUMNS) + " |")
     lines += ["", "| subject | λ | seed | text encoder | fidelity | leak | diversity TV | recontext (background) | recontext (subject) | train s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["runs"]:
+    for r in runs:
         lines.append(f"| {r['subject']} | {r['prior_weight']:g} | {r['seed']} | {r['text_encoder']} | {r['subject_fidelity']:.3f} | "
                      f"{r['prior_leak']:.3f} | {r['class_diversity_tv']:.3f} | {r['recontext']:.3f} | {r['recontext_subject']:.3f} | {r['train_seconds']} |")
     return "\n".join(lines)
