@@ -2,11 +2,7 @@
 # One GPU session: CUDA paths of the core (bf16, fp16, QLoRA NF4), then train builtin:tiny-world.
 # Run on the lent GPU machine from the repo root, with the wheels in .whl (see README "GPU").
 set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source scripts/device_setup.sh
 python3 -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 python3 - <<'PY' > "$OUT/images.txt"
 from PIL import Image

@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
 # One GPU call: continue builtin:tiny-world's UNet and text encoder on a data mix with more two-colour
 # objects (stage 2), evaluate prompt following, and return the folder as $OUT/tiny-world.tar.
+# This call made the shipped stage 2 from stage 1; run again, it continues the shipped model.
+# It needs no bitsandbytes: leave that wheel out of .whl to keep the carried tree under 64 MiB.
 # Run on the lent GPU machine from the repo root, with the wheels in .whl (see README "GPU").
 set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source scripts/device_setup.sh
 python3 scripts/train_tiny_world.py --init-from dreambooth_lora/builtin/tiny-world --work /tmp/tw2 --out "$OUT/tiny-world" \
   --log "$OUT/tw2.log" --solid-share ${SOLID_SHARE:-0.4} --unet-batch ${UNET_BATCH:-2048} --warmup 200 \
   --minutes ${UNET_MIN:-6} --eval-per-prompt 16 2>&1 | grep -v -e "Writing model" -e "modules in" -e torchvision
