@@ -1,7 +1,8 @@
 """Shared fixtures: isolated data folders, a tiny-random model builder and small subject photos.
 
-Fixture names are specific (`tiny_random_builder`, `subject_images`, ...) so that test files
-defining their own `model`, `root` or `library` fixtures keep theirs.
+Fixture names are specific (`tiny_random_builder`, `subject_images`, ...), except `model`: a
+read-only tiny-random per module. A test file that defines its own `model`, `root` or `library`
+fixture keeps it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_lora.models import BaseModel, build_tiny_random
+from dreambooth_lora.models import BaseModel, build_tiny_random, load_base_model
 
 # One intra-op thread: on the shared 2-core machine torch's default (a thread per core) made a
 # 30-step tiny-random run take 220 s instead of 8 s, and was still ~20% slower with passive waits.
@@ -46,6 +47,12 @@ def tiny_random_builder():
         return build_tiny_random()
 
     return build
+
+
+@pytest.fixture(scope="module")
+def model() -> BaseModel:
+    """One builtin:tiny-random per test module, for tests that only read it (no LoRA attached)."""
+    return load_base_model("builtin:tiny-random")
 
 
 @pytest.fixture(scope="session")

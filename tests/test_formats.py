@@ -24,11 +24,6 @@ PLAIN = GenerateSettings(prompt="a photo of a dog", num_images=1, steps=2, seed=
 
 
 @pytest.fixture(scope="module")
-def model():
-    return load_base_model("builtin:tiny-random")
-
-
-@pytest.fixture(scope="module")
 def root(tmp_path_factory, model):
     root = tmp_path_factory.mktemp("data")
     library = Library(root)

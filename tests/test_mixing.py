@@ -19,7 +19,6 @@ from dreambooth_lora.generate import AdapterSession, GenerateSettings
 from dreambooth_lora.library import Library
 from dreambooth_lora.lora import EMBEDDING_PREFIX, TEXT_ENCODER_TARGETS, UNET_TARGETS, write_adapter_file
 from dreambooth_lora.mixing import cat_factors, linear_factors, mix_adapters, mix_deltas
-from dreambooth_lora.models import load_base_model
 from dreambooth_lora.resize import energy, format_rank_report, min_rank_for_energy, rank_report, resize_adapter, svd_factorize
 
 PROMPT = "a photo of sks zwx dog"
@@ -71,11 +70,6 @@ def test_svd_factorize_by_hand():
 
 
 # ----- on the tiny model -----
-
-@pytest.fixture(scope="module")
-def model():
-    return load_base_model("builtin:tiny-random")
-
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory, model):
