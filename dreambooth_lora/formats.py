@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from safetensors.torch import save_file
 
 from .errors import UserError

@@ -112,13 +112,7 @@ def run_training(
         on_progress(Progress("preparing", message=note))
     device, weight_dtype, autocast_dtype = pick_precision(config)
 
-    class_images = []
-    if config.prior_weight > 0 and config.num_class_images > 0:
-        settings = PriorSettings(prompt=config.class_prompt, resolution=config.resolution)
-        report = lambda done, total: on_progress(Progress("class_images", done, total))
-        model.unet.to(device), model.vae.to(device), model.text_encoder.to(device)
-        paths, _ = ensure_prior_images(model, settings, config.num_class_images, prior_root(prior_dir), on_progress=report)
-        class_images = load_prior_images(paths)
+    class_images = ensure_class_images(model, config, device, prior_dir, on_progress)
 
     _move(model.unet, device, weight_dtype)
     model.vae.to(device)  # SD's VAE overflows in fp16; it only runs once, so fp32 is cheap
@@ -191,6 +185,18 @@ def run_training(
     entry = save_adapter(library, model, trainables, config, job_id, losses)
     checkpoint_path.unlink(missing_ok=True)  # the adapter is saved; the checkpoint has no further use
     return TrainResult(entry, job_id, losses, time.time() - started)
+
+
+def ensure_class_images(model: BaseModel, config: TrainConfig, device, prior_dir: Path | None,
+                        on_progress: Callable[[Progress], None] = lambda progress: None) -> list:
+    """The run's class-prior images from the cache, generating the missing ones; none when priors are off."""
+    if config.prior_weight <= 0 or config.num_class_images <= 0:
+        return []
+    settings = PriorSettings(prompt=config.class_prompt, resolution=config.resolution)
+    report = lambda done, total: on_progress(Progress("class_images", done, total))
+    model.unet.to(device), model.vae.to(device), model.text_encoder.to(device)
+    paths, _ = ensure_prior_images(model, settings, config.num_class_images, prior_root(prior_dir), on_progress=report)
+    return load_prior_images(paths)
 
 
 def prompt_check_message(similarity: float, config: TrainConfig) -> str:
@@ -266,6 +272,7 @@ class Trainables:
         ).input_ids.to(device)
         self.cached: torch.Tensor | None = None
         self.separation = 0.0
+        self.max_token_norm = 0.0  # set with the identifier embedding: NORM_ALLOWANCE x a typical word's norm
 
     @property
     def text_encoder_trains(self) -> bool:
@@ -278,7 +285,7 @@ class Trainables:
 
     def after_step(self) -> None:
         if self.token_embedding is not None:
-            self.token_embedding.clamp_norm(self.typical_norm)
+            self.token_embedding.clamp_norm(self.max_token_norm)
 
     def encode(self) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
@@ -327,7 +334,7 @@ def attach_trainables(model: BaseModel, config: TrainConfig, device, weight_dtyp
     if config.train_token_embedding:
         trainables.token_embedding = TokenEmbedding.for_token(model.text_encoder, model.tokenizer, config.token).attach(model.text_encoder)
         table = model.text_encoder.get_input_embeddings().weight
-        trainables.typical_norm = NORM_ALLOWANCE * table.float().norm(dim=-1).mean().item()
+        trainables.max_token_norm = NORM_ALLOWANCE * table.float().norm(dim=-1).mean().item()
     for param in trainables.parameters:
         param.data = param.data.float()  # LoRA weights train in fp32 even when the base runs in bf16/fp16
     return trainables

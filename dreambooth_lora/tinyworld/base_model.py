@@ -230,17 +230,16 @@ def train_base_model(config: BaseTrainConfig, work: Path, out: Path, device: tor
     started = time.time()
     images, captions = render_dataset(config.dataset_size, config.seed, config.solid_share)
     log({"phase": "render", "images": len(captions), "s": round(time.time() - started, 1)})
-    if config.init_from:
+    if config.init_from:  # keep the source's VAE; its UNet and text encoder train on from here
         load_components(Path(config.init_from), vae, text_encoder, unet)
-        if not (work / "vae.safetensors").exists():
-            with atomic_path(work / "vae.safetensors") as tmp:
-                save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp))
-    train_vae(vae, images, config, work, device, log)
+    else:
+        train_vae(vae, images, config, work, device, log)
     vae.to(device).eval()
     latents = encode_dataset(vae, images, device)
-    scaling = float(1.0 / latents.std())  # unit-variance latents, as SD's 0.18215 does for its VAE
     if config.init_from:  # the UNet being continued learned with the source's scaling
         scaling = json.loads((Path(config.init_from) / "vae" / "config.json").read_text())["scaling_factor"]
+    else:
+        scaling = float(1.0 / latents.std())  # unit-variance latents, as SD's 0.18215 does for its VAE
     vae.register_to_config(scaling_factor=scaling)
     log({"phase": "latents", "std": round(float(latents.std()), 4), "scaling_factor": round(scaling, 4)})
     train_unet(unet, text_encoder, tokenizer, latents, captions, scaling, config, work, device, log)

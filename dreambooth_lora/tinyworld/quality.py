@@ -156,16 +156,16 @@ def baseline_task(subject: str, samples: int) -> tuple[str, dict, float]:
 
 
 def class_images_task(cls: str, work: Path) -> str:
-    """Generate the class's prior images into the shared cache, exactly as a training run would."""
+    """Generate the class's prior images into the shared cache, as a training run of this class would."""
+    import torch
+
     from ..config import TrainConfig
     from ..models import load_base_model
-    from ..paths import prior_root
-    from ..prior import PriorSettings, ensure_prior_images
+    from ..train import ensure_class_images
 
     base = load_base_model(MODEL)
     config = TrainConfig(token=TOKEN, class_noun=cls, base_model=MODEL).resolved(4, True, base.native_resolution)
-    ensure_prior_images(base, PriorSettings(prompt=config.class_prompt, resolution=config.resolution),
-                        config.num_class_images, prior_root(work / "prior"))
+    ensure_class_images(base, config, torch.device("cpu"), work / "prior")
     return cls
 
 
