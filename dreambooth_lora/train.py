@@ -351,6 +351,15 @@ def quantize_text_encoder(text_encoder, compute_dtype: torch.dtype, device):
         text_encoder.save_pretrained(folder)
         quantized = CLIPTextModel.from_pretrained(folder, quantization_config=quantization, device_map=str(device))
     quantized.requires_grad_(False)
+    # bitsandbytes (0.50) repacks a Linear4bit's weights for an AVX-512 BF16 inference kernel on its first
+    # eval-mode, no-grad forward on such CPUs. That path is inference-only (no autograd through it: training
+    # afterwards fails in `result += bias`) and breaks on layers narrower than the 64-value quantisation block
+    # (tiny models). The portable dequantise-and-matmul path works on every CPU and on both, so use it always.
+    from bitsandbytes.nn import Linear4bit
+
+    for module in quantized.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
     return quantized
 
 
