@@ -7,4 +7,8 @@ import os
 # It must be set before torch loads its OpenMP runtime, hence here.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from .quiet import drop_notices
+
+drop_notices()  # before any submodule imports peft (and so bitsandbytes)
+
 __version__ = "0.1.0"

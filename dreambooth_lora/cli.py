@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .quiet import quiet_libraries
 
 EXIT_USER_ERROR = 2
 
@@ -122,22 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        _quiet_libraries()
+        quiet_libraries()
         return HANDLERS[args.command](args) or 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    diffusers_logging.set_verbosity_error()
 
 
 def _library(args):

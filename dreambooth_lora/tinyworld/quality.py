@@ -205,10 +205,10 @@ def train_and_evaluate(run: Run, settings: Settings, work: Path) -> dict:
 def _start_worker() -> None:
     import torch
 
-    from ..cli import _quiet_libraries
+    from ..quiet import quiet_libraries
 
     torch.set_num_threads(1)
-    _quiet_libraries()
+    quiet_libraries()
 
 
 # ---------------------------------------------------------------- the whole bench

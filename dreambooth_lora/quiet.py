@@ -1,0 +1,50 @@
+"""Quiet third-party output: notices a person cannot act on are dropped; real warnings stay.
+
+`drop_notices` runs when the package is imported (dreambooth_lora/__init__.py), before anything imports
+peft, which imports bitsandbytes, which logs its notice at import time. `quiet_libraries` is for
+commands: no hub access, no loading bars, library warnings at error level.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+# logger name -> message prefixes to drop. Each is a notice about an optional speed-up we never install.
+NOTICES = {
+    # bitsandbytes on AVX-512 BF16 CPUs: an optional kernel package, whose loader downloads from a model hub.
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+    # transformers without torchvision (its CPU wheels are not in the registry): the PIL image processors
+    # it falls back to are the ones we use anyway.
+    "transformers.utils.import_utils": ("`CLIPImageProcessor` requires torchvision",
+                                        "`SiglipImageProcessor` requires torchvision"),
+}
+
+
+class _DropNotices(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def drop_notices() -> None:
+    """Install the filters once (idempotent); loggers are created on first use, so this may run early."""
+    for name, prefixes in NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotices) for f in logger.filters):
+            logger.addFilter(_DropNotices(prefixes))
+
+
+def quiet_libraries() -> None:
+    """For commands: never reach for a model hub; no loading bars; library warnings only at error level."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()
