@@ -22,12 +22,16 @@ from dreambooth_lora.tinyworld.quality import Settings, run_bench
 COLUMNS = ("subject_fidelity", "prior_leak", "class_diversity_tv", "recontext", "recontext_subject", "train_seconds")
 
 
-def print_table(report: dict) -> None:
-    print(f"{'setting':<22}" + "".join(f"{c:>20}" for c in COLUMNS))
+def print_table(report: dict, file=sys.stdout) -> None:
+    say = lambda text: print(text, file=file)
+    say(f"{'setting':<22}" + "".join(f"{c:>20}" for c in COLUMNS))
     for name, values in report["summary"].items():
-        print(f"{name:<22}" + "".join(f"{'' if values.get(c) is None else values.get(c):>20}" for c in COLUMNS))
-    print(f"VAE ceiling (instance images reconstructed as the subject): {report['vae_ceiling']}")
-    print(f"{len(report['runs'])} trainings on {report['workers']} workers in {report['seconds']} s ({report['machine']})")
+        say(f"{name:<22}" + "".join(f"{'' if values.get(c) is None else values.get(c):>20}" for c in COLUMNS))
+    for run in report["runs"]:
+        if "error" in run:
+            say(f"FAILED {run['subject']} lambda={run['prior_weight']:g} seed={run['seed']} TE {run['text_encoder']}: {run['error']}")
+    say(f"VAE ceiling (instance images reconstructed as the subject): {report['vae_ceiling']}")
+    say(f"{len(report['runs'])} trainings on {report['workers']} workers in {report['seconds']} s ({report['machine']})")
 
 
 def markdown(report: dict) -> str:
@@ -49,6 +53,9 @@ def markdown(report: dict) -> str:
     lines += ["", "| subject | λ | seed | text encoder | fidelity | leak | diversity TV | recontext (background) | recontext (subject) | train s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
+        if "error" in r:
+            lines.append(f"| {r['subject']} | {r['prior_weight']:g} | {r['seed']} | {r['text_encoder']} | failed: {r['error']} |" + " |" * 5)
+            continue
         lines.append(f"| {r['subject']} | {r['prior_weight']:g} | {r['seed']} | {r['text_encoder']} | {r['subject_fidelity']:.3f} | "
                      f"{r['prior_leak']:.3f} | {r['class_diversity_tv']:.3f} | {r['recontext']:.3f} | {r['recontext_subject']:.3f} | {r['train_seconds']} |")
     return "\n".join(lines)
@@ -57,7 +64,7 @@ def markdown(report: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", action="store_true", help="print the JSON report on stdout after the table")
+    parser.add_argument("--json", action="store_true", help="print the JSON report alone on stdout (tables go to stderr)")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown after the table")
     parser.add_argument("--samples", type=int, default=32, help="images per prompt")
     parser.add_argument("--steps", type=int, default=None, help="override the default steps")
@@ -72,9 +79,10 @@ def main() -> int:
                         batch_size=args.batch_size, text_encoder=args.text_encoder)
     report = run_bench(args.quick, settings, args.workers, args.machine,
                        on_row=lambda row: print(json.dumps(row), file=sys.stderr, flush=True))
-    print_table(report)
+    tables = sys.stderr if args.json else sys.stdout  # with --json, stdout is the JSON alone
+    print_table(report, tables)
     if args.markdown:
-        print(markdown(report))
+        print(markdown(report), file=tables)
     if args.json:
         print(json.dumps(report, indent=1))
     return 0

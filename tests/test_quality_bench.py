@@ -41,3 +41,20 @@ def test_quick_bench_reports_every_metric_and_priors_reduce_leak(tmp_path):
     assert rows[1.0]["subject_fidelity"] > 0.5  # the subject is learned with priors on too
     assert report["vae_ceiling"]["redyellow-ball"] == 1.0
     assert report["base"]["redyellow-ball"]["fidelity"] < 0.2  # the base model alone does not draw it
+
+
+def test_a_failed_run_is_reported_in_its_row_and_left_out_of_the_means():
+    ok = dict(subject="redyellow-ball", prior_weight=1.0, seed=0, text_encoder="none", subject_fidelity=0.5,
+              prior_leak=0.0, class_diversity_tv=0.1, recontext=1.0, recontext_subject=0.5, train_seconds=10.0)
+    failed = dict(subject="redyellow-ball", prior_weight=1.0, seed=1, text_encoder="none", error="RuntimeError: boom")
+    summary = quality.summarise([ok, failed])
+    assert summary["lambda=1"]["subject_fidelity"] == 0.5 and summary["lambda=0"]["subject_fidelity"] is None
+
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_quality", Path(__file__).parents[1] / "bench" / "quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    table = bench.markdown({"runs": [ok, failed], "summary": summary})
+    assert "| redyellow-ball | 1 | 1 | none | failed: RuntimeError: boom |" in table

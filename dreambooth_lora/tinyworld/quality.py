@@ -94,6 +94,7 @@ def diversity_distance(readings: list, base_readings: list) -> float:
 
 def summarise(results: list[dict]) -> dict:
     def mean(rows, key):
+        rows = [r for r in rows if "error" not in r]  # a failed run has no figures; it shows in its own row
         return round(sum(r[key] for r in rows) / len(rows), 3) if rows else None
 
     main_mode = results[0]["text_encoder"]
@@ -223,16 +224,20 @@ def _run_tasks(pool, runs: list[Run], settings: Settings, work: Path, on_row) ->
     # lambda = 1 runs go in as soon as the class images exist.
     prior_jobs = [pool.apply_async(class_images_task, (cls, work)) for cls in classes]
     baseline_jobs = [pool.apply_async(baseline_task, (s, settings.samples)) for s in subjects]
-    run_jobs = [pool.apply_async(train_and_evaluate, (r, settings, work)) for r in runs if r.prior_weight == 0]
+    run_jobs = [(r, pool.apply_async(train_and_evaluate, (r, settings, work))) for r in runs if r.prior_weight == 0]
     for job in prior_jobs:
         job.get()
-    run_jobs += [pool.apply_async(train_and_evaluate, (r, settings, work)) for r in runs if r.prior_weight > 0]
+    run_jobs += [(r, pool.apply_async(train_and_evaluate, (r, settings, work))) for r in runs if r.prior_weight > 0]
     baselines = {subject: (scores, ceiling) for subject, scores, ceiling in (job.get() for job in baseline_jobs)}
     rows = []
-    for job in run_jobs:
-        row = job.get()
-        base_class = baselines[row["subject"]][0]["class"]["readings"]
-        row["class_diversity_tv"] = round(diversity_distance(row.pop("class_readings"), base_class), 3)
+    for run, job in run_jobs:
+        try:
+            row = job.get()
+        except Exception as error:  # noqa: BLE001 - one failed training is reported in its row; the grid goes on
+            row = {**asdict(run), "error": f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]}
+        else:
+            base_class = baselines[row["subject"]][0]["class"]["readings"]
+            row["class_diversity_tv"] = round(diversity_distance(row.pop("class_readings"), base_class), 3)
         rows.append(row)
         on_row(row)
     return baselines, rows
