@@ -88,11 +88,13 @@ def run_worker(
     once: bool = False,
     stop: threading.Event | None = None,
     samples_per_job: int = SAMPLES_PER_JOB,
+    on_progress=None,
 ) -> int:
     """Run queued jobs one at a time until stopped; with once=True run at most one job and return.
 
     `stop` (set by SIGTERM/SIGINT when this is the main thread) interrupts the running job at
-    its next step, after a resumable checkpoint, and ends the loop.
+    its next step, after a resumable checkpoint, and ends the loop. `on_progress(job_id, Progress)` is
+    called after each report is recorded (tests synchronise on it).
     """
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -102,7 +104,7 @@ def run_worker(
     while not stop.is_set():
         job = library.claim_next_job(pid)
         if job is not None:
-            run_job(library, job, prior_dir, stop, samples_per_job)
+            run_job(library, job, prior_dir, stop, samples_per_job, on_progress)
         if once:
             break
         if job is None:
@@ -110,13 +112,14 @@ def run_worker(
     return 0
 
 
-def run_job(library: Library, job: dict, prior_dir, stop: threading.Event, samples_per_job: int) -> str:
+def run_job(library: Library, job: dict, prior_dir, stop: threading.Event, samples_per_job: int,
+            on_progress=None) -> str:
     """Train one claimed job, recording progress, and leave it done, cancelled, interrupted or failed."""
     job_id = job["id"]
     if job["cancel_requested"]:  # cancelled while this worker was claiming it
         library.update_job(job_id, status="cancelled", phase="cancelled", message="cancelled before it started")
         return "cancelled"
-    reporter = _ProgressWriter(library, job_id)
+    reporter = _ProgressWriter(library, job_id, on_progress)
     try:
         result = run_training(
             library, job_id, prior_dir, on_progress=reporter, should_stop=reporter.stop_check(stop),
@@ -156,13 +159,18 @@ def _one_line(error: BaseException) -> str:
 class _ProgressWriter:
     """on_progress for run_training: throttled writes of phase/step/losses and the heartbeat."""
 
-    def __init__(self, library: Library, job_id: str):
-        self.library, self.job_id = library, job_id
+    def __init__(self, library: Library, job_id: str, observer=None):
+        self.library, self.job_id, self.observer = library, job_id, observer
         self.losses: list[float] = list(library.job(job_id)["losses"])
         self.last_write, self.last_phase, self.last_check = 0.0, None, 0.0
         self.cancel_seen = False
 
     def __call__(self, progress: Progress) -> None:
+        self._record(progress)
+        if self.observer is not None:
+            self.observer(self.job_id, progress)
+
+    def _record(self, progress: Progress) -> None:
         if progress.phase == "training" and progress.sample is None:
             if progress.message.startswith("resumed"):
                 self.losses = self.losses[: progress.step]  # the checkpoint's step is the truth

@@ -36,18 +36,14 @@ def run_once(library, prior_dir, **kwargs) -> None:
     run_worker(library, prior_dir, once=True, samples_per_job=0, **kwargs)
 
 
-def training_step(library, job_id) -> int:
-    job = library.job(job_id)
-    return job["step"] if job["phase"] == "training" else 0
+def at_step(step: int, event: threading.Event):
+    """An on_progress observer that sets `event` once training reaches `step` (recorded in the database)."""
 
+    def observe(job_id, progress) -> None:
+        if progress.phase == "training" and progress.step >= step:
+            event.set()
 
-def wait_for(predicate, timeout=60.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting for the worker")
+    return observe
 
 
 def test_queued_jobs_run_one_at_a_time_in_order(library, prior_dir):
@@ -74,9 +70,10 @@ def test_queued_jobs_run_one_at_a_time_in_order(library, prior_dir):
 
 def test_cancel_stops_the_job_and_saves_no_adapter(library, prior_dir):
     job_id = submit_job(library, config("cancelled", 500), IMAGES)
-    worker = threading.Thread(target=run_once, args=(library, prior_dir))
+    training = threading.Event()
+    worker = threading.Thread(target=run_once, args=(library, prior_dir), kwargs={"on_progress": at_step(1, training)})
     worker.start()
-    wait_for(lambda: training_step(library, job_id) >= 1)
+    assert training.wait(120)
     assert cancel_job(library, job_id) == "cancelling"
     worker.join(60)
     job = library.job(job_id)
@@ -94,11 +91,10 @@ def test_cancel_stops_the_job_and_saves_no_adapter(library, prior_dir):
 def test_interrupted_job_resumes_from_its_checkpoint(library, prior_dir):
     job_id = submit_job(library, config("resumed", 8), IMAGES)
     stop = threading.Event()  # what SIGTERM sets when the server shuts its worker down
-    worker = threading.Thread(target=run_once, args=(library, prior_dir), kwargs={"stop": stop})
+    # Set from the worker's own progress report at step 3, so the stop lands mid-run on any machine.
+    worker = threading.Thread(target=run_once, args=(library, prior_dir), kwargs={"stop": stop, "on_progress": at_step(3, stop)})
     worker.start()
-    wait_for(lambda: training_step(library, job_id) >= 3)
-    stop.set()
-    worker.join(60)
+    worker.join(120)
     stopped = library.job(job_id)
     assert stopped["status"] == "interrupted" and 3 <= stopped["step"] < 8
     losses_before = stopped["losses"]
