@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import resource
 import struct
-import time
 import zlib
 from pathlib import Path
 
@@ -116,10 +115,8 @@ def test_decompression_bomb_refused_without_decoding(tmp_path, width, height):
     path = png_claiming_size(tmp_path / "bomb.png", width, height)
     assert path.stat().st_size < 100
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    started = time.time()
     with pytest.raises(UserError, match=r"bomb\.png: .*too large"):
         read_image(path)
-    assert time.time() - started < 2
     # Decoding would need width*height*3 bytes (243 MB at 9000 px); the peak must not move by that.
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 50_000
 
