@@ -91,7 +91,7 @@ def defaults_for(is_builtin: bool, num_images: int, native_resolution: int) -> d
     if is_builtin:
         # bench/quality.py on tiny-world (2-core CPU): lr 1e-3 (the probe's rate; 1e-4 learned nothing in
         # 400 steps), batch 2+2 and 400 steps keep a run near a minute; the identifier embedding is
-        # what lets a from-scratch encoder tell "sks ball" from "a ball" (shared/notes/tiny-world.md).
+        # what lets a from-scratch encoder tell "sks ball" from "a ball" (docs/DESIGN.md, "The tiny world").
         return dict(steps=400, lr=1e-3, num_class_images=64, resolution=native_resolution, train_token_embedding=True, batch_size=2)
     return dict(
         steps=STEPS_PER_IMAGE_REAL * num_images,

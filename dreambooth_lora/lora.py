@@ -32,7 +32,7 @@ def attach_unet_lora(unet, rank: int, alpha: float) -> LoraConfig:
 
 
 def attach_text_encoder_lora(text_encoder, rank: int, alpha: float) -> LoraConfig:
-    # peft's own injection: transformers' add_adapter refuses peft 0.21 on some versions (DESIGN).
+    # peft's own injection: transformers' add_adapter refuses peft 0.21 on some versions (docs/DESIGN.md, "Versions").
     config = lora_config(rank, alpha, TEXT_ENCODER_TARGETS)
     inject_adapter_in_model(config, text_encoder, adapter_name=ADAPTER_NAME)
     return config

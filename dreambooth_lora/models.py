@@ -42,7 +42,7 @@ class BaseModel:
 
     def sampling_scheduler(self) -> DPMSolverMultistepScheduler:
         # "leading" spacing matches how SD 1.x and our built-ins were trained; the default
-        # "linspace" gave off outputs on the tiny world (shared/notes/tiny-world.md).
+        # "linspace" gave off outputs on the tiny world (docs/DESIGN.md, "The tiny world").
         return DPMSolverMultistepScheduler.from_config(self.scheduler_config, timestep_spacing="leading")
 
     def pipeline(self) -> StableDiffusionPipeline:
@@ -136,7 +136,7 @@ def builtin_names() -> list[str]:
 
 
 def default_base_model() -> str:
-    """tiny-world once it ships with the package, tiny-random until then (DESIGN decisions)."""
+    """tiny-world once it ships with the package, tiny-random until then (docs/DESIGN.md, "Default base model")."""
     return builtin_names()[0]
 
 
