@@ -1,4 +1,4 @@
-"""`serve`: mark orphaned jobs interrupted, start one worker child process, run the Gradio app."""
+"""`serve`: mark jobs whose runner is gone interrupted, start one worker child process, run the Gradio app."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dreambooth_lora.library import Library
 from dreambooth_lora.paths import data_root as resolve_data_root
 from dreambooth_lora.paths import prior_root
 from dreambooth_lora.tinyworld.world import SUBJECT_IMAGE_DIR
-from dreambooth_lora.worker import mark_orphaned_jobs
+from dreambooth_lora.jobs import Jobs
 
 WORKER_STOP_SECONDS = 30  # the worker finishes its current step and writes a checkpoint first
 
@@ -27,8 +27,9 @@ def serve(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
     prior = prior_root(prior_dir).resolve()
     credentials = parse_auth(auth)
     library = Library(root)
-    for job_id in mark_orphaned_jobs(library):
-        print(f"job {job_id} was running when the last server stopped: marked interrupted (resumable)", file=sys.stderr)
+    # Only jobs whose runner is gone: a `dreambooth-lora train` running beside the server keeps its job.
+    for job_id in Jobs(library).reap():
+        print(f"job {job_id} lost its runner (a crash or a server restart): marked interrupted (resumable)", file=sys.stderr)
     demo = build_ui(library, prior)
     worker = start_worker(root, prior)
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

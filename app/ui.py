@@ -23,7 +23,7 @@ from dreambooth_lora.images import read_image
 from dreambooth_lora.library import Library
 from dreambooth_lora.models import builtin_names, default_base_model, load_base_model
 from dreambooth_lora.tinyworld import SUBJECTS, subject_image_paths
-from dreambooth_lora.worker import cancel_job, resume_job, submit_job
+from dreambooth_lora.jobs import ACTIVE, RESUMABLE, Job, Jobs, JobStatus
 
 MAX_MIX = 4  # sliders in the Generate tab's fixed pool
 REFRESH_SECONDS = 1.5
@@ -126,8 +126,8 @@ def train_tab(library: Library, timer: gr.Timer) -> None:
                     seed = gr.Number(label="Seed", value=0, precision=0)
                     token_embedding = gr.Radio(["auto", "on", "off"], value="auto", label="Train token embedding",
                                                info="auto: on for built-in models")
-                    checkpoint_every = gr.Number(label="Checkpoint every (steps)", value=50, precision=0,
-                                                 info="0: only when stopped")
+                    checkpoint_every = gr.Number(label="Checkpoint every (steps)", value=100, precision=0,
+                                                 info="and every 2 minutes; 0: by time only")
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="start-training")
             start_message = gr.Markdown(elem_id="start-message")
@@ -150,11 +150,11 @@ def train_tab(library: Library, timer: gr.Timer) -> None:
         try:
             accepted = [f for f in files or [] if _image_problem(f) is None]
             config = _train_config(len(accepted), *form)
-            job_id = submit_job(library, config, accepted)
+            job_id = Jobs(library).create(config, accepted)
         except UserError as error:
             gr.Warning(str(error))
             return f"**Error:** {error}", gr.skip()
-        name = library.job(job_id)["params"]["config"]["name"]
+        name = Jobs(library).get(job_id).name
         message = f"Queued **{name}** as job `{job_id}`; jobs run one at a time in the background."
         return message, gr.update(choices=_job_choices(library), value=job_id)
 
@@ -165,10 +165,10 @@ def train_tab(library: Library, timer: gr.Timer) -> None:
     job_outputs = [jobs_table, job_choice, job_status, loss_plot, samples, cancel, resume, seen]
 
     def refresh(selected, last_seen):
-        jobs = library.jobs()
-        if selected not in {j["id"] for j in jobs}:
-            selected = jobs[0]["id"] if jobs else None
-        signature = (selected, tuple((j["id"], j["status"], j["updated"]) for j in jobs))
+        jobs = Jobs(library).list()
+        if selected not in {j.id for j in jobs}:
+            selected = jobs[0].id if jobs else None
+        signature = (selected, tuple((j.id, j.status, j.updated) for j in jobs))
         if signature == last_seen:
             return [gr.skip()] * len(job_outputs)
         return [_jobs_frame(jobs), gr.update(choices=_job_choices(library, jobs), value=selected),
@@ -179,12 +179,12 @@ def train_tab(library: Library, timer: gr.Timer) -> None:
 
     @user_errors
     def cancel_clicked(job_id):
-        gr.Info(f"Job {job_id}: {cancel_job(library, job_id)}.")
+        gr.Info(f"Job {job_id}: {Jobs(library).cancel(job_id)}.")
         return None
 
     @user_errors
     def resume_clicked(job_id):
-        gr.Info(f"Job {job_id}: {resume_job(library, job_id)}.")
+        gr.Info(f"Job {job_id}: queued again; it {Jobs(library).resume(job_id)}.")
         return None
 
     cancel.click(cancel_clicked, job_choice, seen)
@@ -242,14 +242,14 @@ def _int(value):
     return None if value is None else int(value)
 
 
-def _job_choices(library: Library, jobs: list[dict] | None = None) -> list[tuple[str, str]]:
-    jobs = library.jobs() if jobs is None else jobs
-    return [(f"{j['params']['config'].get('name') or j['id']} · {j['status']}", j["id"]) for j in jobs]
+def _job_choices(library: Library, jobs: list[Job] | None = None) -> list[tuple[str, str]]:
+    jobs = Jobs(library).list() if jobs is None else jobs
+    return [(f"{j.name or j.id} · {j.status}", j.id) for j in jobs]
 
 
-def _progress_text(job: dict) -> str:
-    status, phase, step, total = job["status"], job["phase"], job["step"], job["total"]
-    if status == "running":
+def _progress_text(job: Job) -> str:
+    status, phase, step, total = job.status, job.phase, job.step, job.total
+    if status in ACTIVE:
         if phase == "class_images":
             return f"class images {step} of {total}"
         if phase == "training":
@@ -264,10 +264,10 @@ def _progress_text(job: dict) -> str:
     return status
 
 
-def _jobs_frame(jobs: list[dict]) -> pd.DataFrame:
+def _jobs_frame(jobs: list[Job]) -> pd.DataFrame:
     return pd.DataFrame(
-        [[j["id"], j["params"]["config"].get("name") or "", j["status"], _progress_text(j),
-          time.strftime("%H:%M:%S", time.localtime(j["updated"] or j["created"]))] for j in jobs],
+        [[j.id, j.name, str(j.status), _progress_text(j),
+          time.strftime("%H:%M:%S", time.localtime(j.updated or j.created))] for j in jobs],
         columns=["job", "subject", "status", "progress", "updated"],
     )
 
@@ -276,31 +276,31 @@ def job_view(library: Library, job_id: str | None) -> list:
     """Status text, loss plot, samples and button visibility for one job."""
     if job_id is None:
         return ["No jobs yet: upload photos and press Start.", None, [], gr.update(visible=False), gr.update(visible=False)]
-    job = library.job(job_id)
-    name = job["params"]["config"].get("name") or job_id
-    status = job["status"]
+    jobs = Jobs(library)
+    job = jobs.get(job_id)
+    status = job.status
     progress = _progress_text(job)
-    lines = [f"### {name}", f"**{status}**" + (f" · {progress}" if progress != status else "")]
-    if status == "running" and job["phase"] == "preparing" and job["message"]:
-        lines.append(job["message"])
-    elif status == "queued":
-        queued = [j["id"] for j in sorted(library.jobs(("queued",)), key=lambda j: j["created"])]
+    lines = [f"### {job.name or job_id}", f"**{status}**" + (f" · {progress}" if progress != status else "")]
+    if status in ACTIVE and job.phase == "preparing" and job.message:
+        lines.append(job.message)
+    elif status == JobStatus.QUEUED:
+        queued = [j.id for j in sorted(jobs.list((JobStatus.QUEUED,)), key=lambda j: j.created)]
         lines.append(f"waiting: position {queued.index(job_id) + 1} in the queue" if job_id in queued else "")
-    elif status == "failed":
-        lines.append(f"**Error:** {job['error']}")
-    elif status in ("interrupted", "cancelled"):
-        lines.append(f"{job['message']}")
-    elif status == "done" and job["adapter_id"]:
-        lines.append(f"{job['message']}: find it in the Library tab.")
-    if job["losses"]:
-        lines.append(f"last loss {job['losses'][-1]:.4f}")
-    losses = pd.DataFrame({"step": range(1, len(job["losses"]) + 1), "loss": job["losses"]})
-    sample_files = sorted((library.job_folder(job_id) / "samples").glob("step-*.png"))
+    elif status == JobStatus.FAILED:
+        lines.append(f"**Error:** {job.error}")
+    elif status in (JobStatus.INTERRUPTED, JobStatus.CANCELLED):
+        lines.append(job.message)
+    elif status == JobStatus.DONE and job.adapter_id:
+        lines.append(f"{job.message}: find it in the Library tab.")
+    if job.losses:
+        lines.append(f"last loss {job.losses[-1]:.4f}")
+    losses = pd.DataFrame({"step": range(1, len(job.losses) + 1), "loss": job.losses})
+    sample_files = sorted((job.folder / "samples").glob("step-*.png"))
     gallery = [(str(p), f"step {int(p.stem.split('-')[1])}") for p in sample_files]
     return [
         "\n\n".join(line for line in lines if line), losses if len(losses) else None, gallery,
-        gr.update(visible=status in ("queued", "running")),
-        gr.update(visible=status in ("interrupted", "cancelled", "failed")),
+        gr.update(visible=status in (JobStatus.QUEUED, JobStatus.RUNNING)),
+        gr.update(visible=status in RESUMABLE),
     ]
 
 

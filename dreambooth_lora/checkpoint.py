@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .faults import fault_point
 from .paths import atomic_path
 
 
@@ -25,6 +26,7 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], optimizer: tor
     header = {"step": str(step), "losses": json.dumps(losses), "param_groups": json.dumps(state["param_groups"])}
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=header)
+        fault_point("checkpoint")  # written under its temporary name, not yet renamed over the previous one
 
 
 def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> tuple[dict, int, list[float]]:
@@ -41,3 +43,11 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, generator: tor
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(header["param_groups"])})
     generator.set_state(flat["rng"])
     return weights, int(header["step"]), json.loads(header["losses"])
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint file continues from, or None when there is none (read from its header only)."""
+    if not Path(path).exists():
+        return None
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        return int(handle.metadata()["step"])

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .errors import UserError
@@ -29,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-root", default=None, help="data folder (default $DBL_HOME, else ./studio_data)")
         p.add_argument("--prior-dir", default=None, help="class-image cache (default $DBL_PRIOR_DIR, else ./prior_data)")
         return p
+
+    # --data-root is accepted after a subcommand's action too (`library list --data-root D`)
+    root_flags = argparse.ArgumentParser(add_help=False)
+    root_flags.add_argument("--data-root", default=argparse.SUPPRESS, help="data folder (default $DBL_HOME, else ./studio_data)")
+    root_flags.add_argument("--prior-dir", default=argparse.SUPPRESS, help="class-image cache (default $DBL_PRIOR_DIR, else ./prior_data)")
 
     t = command("train", "Train a subject adapter from 3-20 photos (foreground; Ctrl-C leaves a resumable checkpoint).")
     t.add_argument("--images", nargs="+", metavar="PATH", help="the subject's photos: image files or folders of them (3-20)")
@@ -59,9 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also learn the identifier's input embedding (pivotal tuning; default on for built-ins)")
     emb.add_argument("--no-train-token-embedding", dest="train_token_embedding", action="store_false",
                      help="keep the identifier's embedding frozen (default for real models)")
-    t.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
-                   help="save a resumable checkpoint every K steps (default 0: only on Ctrl-C)")
-    t.add_argument("--resume", metavar="JOB", help="continue an interrupted job from its checkpoint (other options are the job's)")
+    t.add_argument("--checkpoint-every", type=int, default=100, metavar="K",
+                   help="save a resumable checkpoint every K steps (default 100; 0: by time only)")
+    t.add_argument("--checkpoint-seconds", type=float, default=120.0, metavar="S",
+                   help="... or every S seconds, whichever comes first (default 120; 0: by steps only)")
+    t.add_argument("--resume", metavar="JOB",
+                   help="continue an interrupted, cancelled or failed job from its checkpoint, in the foreground (other options are the job's)")
+    t.add_argument("--submit", action="store_true",
+                   help="queue the job for the worker (`serve` or `dreambooth-lora worker`) instead of training here")
     t.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}", help="where to train (default auto: CUDA if present)")
     t.add_argument("--mixed-precision", default="auto", metavar="{auto,no,fp16,bf16}",
                    help="CUDA compute dtype (default auto: bf16 where supported, else fp16; fp32 on CPU)")
@@ -82,10 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     lib = command("library", "List and manage trained adapters.")
     lsub = lib.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    # --data-root is accepted after the action too (`library list --data-root D`)
-    root_flags = argparse.ArgumentParser(add_help=False)
-    root_flags.add_argument("--data-root", default=argparse.SUPPRESS, help="data folder (default $DBL_HOME, else ./studio_data)")
-    root_flags.add_argument("--prior-dir", default=argparse.SUPPRESS, help="class-image cache (default $DBL_PRIOR_DIR, else ./prior_data)")
     name_help = "the adapter's library name"
     lsub.add_parser("list", parents=[root_flags], help="a table of the adapters").add_argument(
         "--json", action="store_true", help="print JSON instead of a table")
@@ -126,7 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     serve.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="ask for this login (default: none)")
 
-    command("worker", "Run queued training jobs one at a time (serve starts one).")
+    w = command("worker", "Run queued training jobs one at a time (serve starts one).")
+    w.add_argument("--until-idle", action="store_true", help="stop when the queue is empty instead of waiting for more")
+
+    jobs = command("jobs", "List and manage training jobs (queued, running and finished).")
+    jsub = jobs.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    job_id_help = "the job's id (printed by train; see `jobs list`)"
+    jsub.add_parser("list", parents=[root_flags], help="a table of the jobs, newest first").add_argument(
+        "--json", action="store_true", help="print JSON instead of a table")
+    show = jsub.add_parser("show", parents=[root_flags], help="one job: status, phase, step, losses, error, adapter, runner")
+    show.add_argument("job", help=job_id_help)
+    show.add_argument("--json", action="store_true", help="print JSON (all fields) instead of a summary")
+    jsub.add_parser("cancel", parents=[root_flags], help="cancel a queued job, or stop a running one at its next step "
+                    "(its checkpoint is kept)").add_argument("job", help=job_id_help)
+    jsub.add_parser("resume", parents=[root_flags], help="queue an interrupted, cancelled or failed job again for the worker; "
+                    "it continues from its last checkpoint").add_argument("job", help=job_id_help)
+    jsub.add_parser("delete", parents=[root_flags], help="remove a finished job, its photos and its checkpoint "
+                    "(its adapter stays in the library)").add_argument("job", help=job_id_help)
 
     pr = command("prior", "Generate (or reuse) class-prior images in the cache.")
     pr.add_argument("--class-prompt", required=True, help="e.g. 'a photo of a dog'")
@@ -156,15 +179,14 @@ def _library(args):
 
 def cmd_train(args) -> int:
     from .config import TrainConfig
+    from .jobs import Jobs, JobStatus, Runner, run_job
     from .models import default_base_model
-    from .train import TrainingStopped, create_job, run_training
 
-    library = _library(args)
+    jobs = Jobs(_library(args))
     if args.resume:
-        job_id = args.resume
-        library.job(job_id)  # a clear error for an unknown job
-        if not (library.job_folder(job_id) / "checkpoint.safetensors").exists():
-            raise UserError(f"Job {job_id} has no checkpoint to resume from.")
+        if args.submit:
+            raise UserError("train --resume JOB runs in the foreground; to queue it for the worker use `jobs resume JOB`.")
+        job_id = jobs.claim(args.resume, Runner.this_process()).id
     else:
         missing = [flag for flag, value in (("--images", args.images), ("--token", args.token), ("--class-noun", args.class_noun)) if not value]
         if missing:
@@ -175,27 +197,28 @@ def cmd_train(args) -> int:
             num_class_images=args.num_class_images, lr=args.lr, resolution=args.resolution,
             text_encoder=args.text_encoder, loraplus_ratio=args.loraplus_ratio, seed=args.seed,
             train_token_embedding=args.train_token_embedding, batch_size=args.batch_size,
-            checkpoint_every=args.checkpoint_every, device=args.device, mixed_precision=args.mixed_precision,
-            config_dir=args.config_dir,
+            checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds, device=args.device,
+            mixed_precision=args.mixed_precision, config_dir=args.config_dir,
         )
-        job_id = create_job(library, config, args.images)
+        job_id = jobs.create(config, args.images, status=JobStatus.QUEUED if args.submit else JobStatus.RUNNING)
     print(f"job {job_id}", file=sys.stderr)
+    if args.submit:
+        print(json.dumps({"job": job_id, "status": "queued"}))
+        return 0
     bar = _ProgressBar(enabled=not args.quiet)
+    started = time.time()
     try:
-        result = run_training(library, job_id, args.prior_dir, on_progress=bar.update)
-    except TrainingStopped as stopped:
+        job = run_job(jobs, job_id, args.prior_dir, observer=lambda _, progress: bar.update(progress), raise_user_errors=True)
+    finally:
         bar.close()
-        library.update_job(job_id, status="interrupted", phase="interrupted", step=stopped.step)
-        print(str(stopped), file=sys.stderr)
+    if job.status in (JobStatus.INTERRUPTED, JobStatus.CANCELLED):
+        print(f"{job.message}; resume with: dreambooth-lora train --resume {job_id}", file=sys.stderr)
         return 130
-    except UserError:
-        bar.close()
-        library.update_job(job_id, status="failed")
-        raise
-    bar.close()
-    library.update_job(job_id, status="done", phase="done", adapter_id=result.adapter.id, losses=result.losses)
-    print(json.dumps({"adapter": result.adapter.name, "id": result.adapter.id, "seconds": round(result.seconds, 1),
-                      "final_loss": result.losses[-1] if result.losses else None}))
+    if job.status == JobStatus.FAILED:
+        print(f"error: training failed: {job.error} (the traceback is in {job.folder / 'log.txt'})", file=sys.stderr)
+        return 1
+    print(json.dumps({"job": job_id, "adapter": jobs.adapter_name(job), "id": job.adapter_id, "steps": job.step,
+                      "seconds": round(time.time() - started, 1), "final_loss": job.losses[-1] if job.losses else None}))
     return 0
 
 
@@ -301,7 +324,45 @@ def cmd_serve(args) -> int:
 def cmd_worker(args) -> int:
     from .worker import run_worker
 
-    return run_worker(_library(args), args.prior_dir)
+    return run_worker(_library(args), args.prior_dir, until_idle=args.until_idle)
+
+
+def cmd_jobs(args) -> int:
+    from .jobs import Jobs, JobStatus
+
+    jobs = Jobs(_library(args))
+    if args.action == "list":
+        listed = jobs.list()
+        if args.json:
+            print(json.dumps([job.to_dict(jobs.adapter_name(job)) for job in listed], indent=1))
+        elif not listed:
+            print("No jobs yet: start one with `dreambooth-lora train` (or --submit to queue it).")
+        else:
+            rows = [("JOB", "STATUS", "PHASE", "STEP", "NAME", "UPDATED")]
+            rows += [(j.id, str(j.status), j.phase, f"{j.step}/{j.total}" if j.total else str(j.step), j.name,
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.updated))) for j in listed]
+            _print_rows(rows)
+    elif args.action == "show":
+        job = jobs.get(args.job)
+        record = job.to_dict(jobs.adapter_name(job))
+        if args.json:
+            print(json.dumps(record, indent=1))
+        else:
+            for key in ("id", "status", "phase", "step", "total", "message", "error", "adapter", "runner"):
+                if record[key] not in (None, ""):
+                    print(f"{key}: {record[key]}")
+            if job.losses:
+                print(f"losses: {len(job.losses)} (last {job.losses[-1]:.4f})")
+            print(f"log: {job.folder / 'log.txt'}")
+    elif args.action == "cancel":
+        status = jobs.cancel(args.job)
+        print(f"job {args.job}: {status}" + (" (it stops at its next step)" if status == JobStatus.CANCELLING else ""))
+    elif args.action == "resume":
+        print(f"job {args.job}: queued for the worker; it {jobs.resume(args.job)}")
+    elif args.action == "delete":
+        jobs.delete(args.job)
+        print(f"deleted job {args.job}")
+    return 0
 
 
 def _print_table(entries) -> None:
@@ -312,6 +373,10 @@ def _print_table(entries) -> None:
     for e in entries:
         s = e.summary()
         rows.append((e.name, e.token, e.class_noun, e.base_model, str(e.rank), str(e.steps), s["created_iso"], f"{e.size_bytes / 1024:.0f} KB"))
+    _print_rows(rows)
+
+
+def _print_rows(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -334,7 +399,7 @@ def cmd_prior(args) -> int:
 
 HANDLERS = {
     "train": cmd_train, "generate": cmd_generate, "library": cmd_library, "prior": cmd_prior,
-    "mix": cmd_mix, "serve": cmd_serve, "worker": cmd_worker,
+    "mix": cmd_mix, "serve": cmd_serve, "worker": cmd_worker, "jobs": cmd_jobs,
 }
 
 if __name__ == "__main__":

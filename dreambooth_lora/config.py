@@ -35,7 +35,8 @@ class TrainConfig:
     train_token_embedding: bool | None = None  # pivotal tuning; default on for built-ins
     token_lr: float = 5e-3  # textual-inversion style rate, the one that worked on the tiny world
     batch_size: int | None = None  # instance images per step (class images: as many)
-    checkpoint_every: int = 0  # 0: only on interrupt and at the end
+    checkpoint_every: int = 100  # steps between checkpoints (0: by time only); a crash loses at most this many
+    checkpoint_seconds: float = 120.0  # ... or this many seconds, whichever comes first (0: by steps only)
     device: str = "auto"
     mixed_precision: str = "auto"
     config_dir: str | None = None  # component configs for a single-file checkpoint
@@ -53,6 +54,8 @@ class TrainConfig:
         _check_range("--resolution", self.resolution, 8, 2048)
         _check_range("--batch-size", self.batch_size, 1, 64)
         _check_range("--checkpoint-every", self.checkpoint_every, 0, 100_000)
+        if not 0 <= self.checkpoint_seconds <= 86_400:
+            raise UserError(f"--checkpoint-seconds {self.checkpoint_seconds}: must be from 0 to 86400.")
         if self.resolution is not None and self.resolution % 8:
             raise UserError(f"--resolution {self.resolution}: must be a multiple of 8.")
         if self.alpha is not None and not 0 < self.alpha <= 1024:

@@ -15,7 +15,8 @@ from . import __version__
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .errors import UserError
-from .images import expand_image_paths, load_subject_images
+from .faults import fault_point
+from .images import load_subject_images
 from .library import AdapterEntry, Library
 from .lora import (
     EMBEDDING_PREFIX,
@@ -28,7 +29,7 @@ from .lora import (
 )
 from .losses import prior_preservation_loss
 from .models import BaseModel, load_base_model
-from .paths import atomic_path, prior_root, validate_name
+from .paths import atomic_path, prior_root
 from .prior import PriorSettings, ensure_prior_images, load_prior_images
 
 SAMPLE_COUNT = 4
@@ -66,31 +67,6 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def create_job(library: Library, config: TrainConfig, image_paths: list, status: str = "running") -> str:
-    """Check the images and name, copy the photos into jobs/<id>/images and record the job."""
-    files = expand_image_paths(image_paths)
-    load_subject_images(files, 8)  # validates every file now, before anything slow happens
-    name = config.name or default_adapter_name(library, config)
-    validate_name(name, "adapter name")
-    if library.name_taken(name):
-        raise UserError(f"An adapter named {name!r} already exists; choose another --name.")
-    params = {"config": {**config.to_dict(), "name": name}}
-    job_id = library.create_job(params, status=status)
-    images_dir = library.job_folder(job_id) / "images"
-    images_dir.mkdir()
-    for index, path in enumerate(files):
-        shutil.copyfile(path, images_dir / f"{index:02d}{Path(path).suffix.lower()}")
-    return job_id
-
-
-def default_adapter_name(library: Library, config: TrainConfig) -> str:
-    base = f"{config.token}-{config.class_noun.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M')}"
-    name, suffix = base, 2
-    while library.name_taken(name):
-        name, suffix = f"{base}-{suffix}", suffix + 1
-    return name
-
-
 def run_training(
     library: Library,
     job_id: str,
@@ -100,9 +76,11 @@ def run_training(
     sample_every: int = 0,
 ) -> TrainResult:
     """Train the job's adapter from its checkpoint (if any) to the end and add it to the library."""
+    from .jobs import Jobs  # the job record's owner; jobs.run_job calls this function
+
     started = time.time()
-    job_dir = library.job_folder(job_id)
-    config = TrainConfig(**library.job(job_id)["params"]["config"])
+    job = Jobs(library).get(job_id)
+    job_dir, config = job.folder, job.train_config()
     on_progress(Progress("preparing", message=f"loading {config.base_model}"))
     model = load_base_model(config.base_model, config.config_dir)
     image_files = sorted((job_dir / "images").iterdir())
@@ -126,7 +104,7 @@ def run_training(
     optimizer = make_optimizer(trainables, config)
     generator = torch.Generator().manual_seed(config.seed)
     step, losses = 0, []
-    checkpoint_path = job_dir / "checkpoint.safetensors"
+    checkpoint_path = job.checkpoint
     if checkpoint_path.exists():
         weights, step, losses = load_checkpoint(checkpoint_path, optimizer, generator)
         trainables.load_tensors(weights)
@@ -136,8 +114,19 @@ def run_training(
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     batch = config.batch_size
 
+    last_checkpoint, checkpointed_step = time.monotonic(), step
+
     def checkpoint(at_step: int) -> None:
+        nonlocal last_checkpoint, checkpointed_step
+        on_progress(Progress("checkpoint", at_step, config.steps))
         save_checkpoint(checkpoint_path, trainables.tensors(), optimizer, generator, at_step, losses)
+        last_checkpoint, checkpointed_step = time.monotonic(), at_step
+
+    def checkpoint_due(at_step: int) -> bool:
+        """Every checkpoint_every steps or checkpoint_seconds, whichever comes first; never at the last step."""
+        by_steps = config.checkpoint_every and at_step % config.checkpoint_every == 0
+        by_time = config.checkpoint_seconds and time.monotonic() - last_checkpoint >= config.checkpoint_seconds
+        return bool(by_steps or by_time) and at_step < config.steps
 
     model.unet.train()
     try:
@@ -160,6 +149,7 @@ def run_training(
                 scaler.unscale_(optimizer)
             else:
                 loss.backward()
+            fault_point("step")  # mid-step: gradients computed, weights not yet updated
             torch.nn.utils.clip_grad_norm_(trainables.parameters, 1.0)
             scaler.step(optimizer) if scaler else optimizer.step()
             if scaler:
@@ -169,7 +159,7 @@ def run_training(
             step += 1
             losses.append(round(loss.item(), 6))
             on_progress(Progress("training", step, config.steps, losses[-1]))
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+            if checkpoint_due(step):
                 checkpoint(step)
             if sample_every and step % sample_every == 0 and step < config.steps:
                 sample = job_dir / "samples" / f"step-{step:05d}.png"
@@ -181,6 +171,8 @@ def run_training(
         raise TrainingStopped(job_id, step) from None
     model.unet.eval()
 
+    if checkpointed_step != step:
+        checkpoint(step)  # a crash while saving resumes here, with no step lost
     on_progress(Progress("saving", step, config.steps, losses[-1] if losses else None))
     entry = save_adapter(library, model, trainables, config, job_id, losses)
     checkpoint_path.unlink(missing_ok=True)  # the adapter is saved; the checkpoint has no further use
@@ -193,7 +185,10 @@ def ensure_class_images(model: BaseModel, config: TrainConfig, device, prior_dir
     if config.prior_weight <= 0 or config.num_class_images <= 0:
         return []
     settings = PriorSettings(prompt=config.class_prompt, resolution=config.resolution)
-    report = lambda done, total: on_progress(Progress("class_images", done, total))
+    def report(done: int, total: int) -> None:
+        on_progress(Progress("class_images", done, total))
+        fault_point("class_images")
+
     model.unet.to(device), model.vae.to(device), model.text_encoder.to(device)
     paths, _ = ensure_prior_images(model, settings, config.num_class_images, prior_root(prior_dir), on_progress=report)
     return load_prior_images(paths)
@@ -405,6 +400,7 @@ def save_adapter(library: Library, model: BaseModel, trainables: Trainables, con
     try:
         with atomic_path(staging / "adapter.safetensors") as tmp:
             write_adapter_file(tmp, trainables.tensors(), meta, config.rank, config.lora_alpha)
+        fault_point("saving")  # the adapter file is in its staging folder, not yet in the library
         (staging / "samples").mkdir()
         for index, image in enumerate(generate_samples(model, trainables, config, SAMPLE_COUNT)):
             image.save(staging / "samples" / f"{index}.png")

@@ -13,6 +13,8 @@ import pytest
 from PIL import Image
 
 from dreambooth_lora.cli import main
+from dreambooth_lora.config import TrainConfig
+from dreambooth_lora.jobs import Jobs, JobStatus
 from dreambooth_lora.library import Library
 from dreambooth_lora.lora import attach_unet_lora, collect_adapter_tensors, write_adapter_file
 from dreambooth_lora.models import build_tiny_random
@@ -136,7 +138,7 @@ def test_bad_images_refused(capsys, subject_images, cli_dirs, tmp_path):
     assert_refused(capsys, train_args(two + [bomb], *cli_dirs), "bomb.png", "too large")
     assert_refused(capsys, train_args(two + [tmp_path / "gone.png"], *cli_dirs), "gone.png", "not found")
     # nothing was created for any of them
-    assert Library(cli_dirs[1]).jobs() == []
+    assert Jobs(Library(cli_dirs[1])).list() == []
 
 
 @pytest.mark.parametrize(
@@ -155,7 +157,7 @@ def test_bad_images_refused(capsys, subject_images, cli_dirs, tmp_path):
 )
 def test_bad_flag_values_refused(capsys, subject_images, cli_dirs, extra, named):
     assert_refused(capsys, train_args(subject_images, *cli_dirs, *extra), *named)
-    assert Library(cli_dirs[1]).jobs() == []  # refused before any job exists
+    assert Jobs(Library(cli_dirs[1])).list() == []  # refused before any job exists
 
 
 def test_train_needs_images_token_and_class(capsys, cli_dirs):
@@ -176,14 +178,21 @@ def test_unusable_base_model_refused(capsys, subject_images, cli_dirs, tmp_path,
     (tmp_path / "plain-folder").mkdir()
     argv = train_args(subject_images, *cli_dirs, "--base-model", base_model.format(tmp=tmp_path))
     assert_refused(capsys, argv, *named)
-    jobs = Library(cli_dirs[1]).jobs()
-    assert [job["status"] for job in jobs] == ["failed"]  # the job is recorded as failed, not left running
+    jobs = Jobs(Library(cli_dirs[1])).list()
+    assert [job.status for job in jobs] == ["failed"]  # the job is recorded as failed, not left running
 
 
-def test_resume_of_unknown_job_or_one_without_checkpoint_refused(capsys, cli_dirs):
+def test_resume_of_unknown_running_or_finished_job_refused(capsys, cli_dirs, subject_images):
     assert_refused(capsys, ["train", "--resume", "no-such-job", *cli_dirs], "'no-such-job'")
-    job = Library(cli_dirs[1]).create_job({"config": {}}, status="interrupted")
-    assert_refused(capsys, ["train", "--resume", job, *cli_dirs], job, "no checkpoint")
+    jobs = Jobs(Library(cli_dirs[1]))
+    config = TrainConfig(token="sks", class_noun="dog", base_model="builtin:tiny-random", steps=2)
+    running = jobs.create(config, subject_images, status=JobStatus.RUNNING)  # this live process is its runner
+    assert_refused(capsys, ["train", "--resume", running, *cli_dirs], running, "is running", f"pid {os.getpid()}")
+    assert_refused(capsys, ["jobs", "delete", running, *cli_dirs], running, "cancel it first")
+    jobs.update(running, status=JobStatus.DONE)
+    assert_refused(capsys, ["train", "--resume", running, *cli_dirs], running, "is done")
+    assert_refused(capsys, ["jobs", "resume", running, *cli_dirs], running, "is done")
+    assert_refused(capsys, ["jobs", "cancel", running, *cli_dirs], running, "is done")
 
 
 def test_generate_refusals(capsys, cli_dirs, tmp_path):

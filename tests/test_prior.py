@@ -12,7 +12,8 @@ from PIL import Image
 from dreambooth_lora.config import TrainConfig
 from dreambooth_lora.library import Library
 from dreambooth_lora.prior import PriorSettings, ensure_prior_images, prior_folder
-from dreambooth_lora.train import create_job, run_training
+from dreambooth_lora.jobs import create_job
+from dreambooth_lora.train import run_training
 
 SETTINGS = PriorSettings(prompt="a photo of a dog", resolution=32, steps=2)  # 2 sampler steps: CPU time
 

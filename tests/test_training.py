@@ -26,7 +26,8 @@ from dreambooth_lora.lora import (
 )
 from dreambooth_lora.losses import prior_preservation_loss
 from dreambooth_lora.models import build_tiny_random
-from dreambooth_lora.train import TrainingStopped, create_job, encode_images, run_training
+from dreambooth_lora.jobs import Jobs, create_job
+from dreambooth_lora.train import TrainingStopped, encode_images, run_training
 
 RESOLUTION = 32  # a quarter of tiny-random's native pixels: same code path, less CPU
 PROMPT = "a photo of sks dog"
@@ -279,7 +280,7 @@ def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(t
         run_training(library, job, session_prior_dir, on_progress=seen.append, should_stop=stop_after_k)
     assert stopped.value.step == stop_after and stopped.value.job_id == job
     assert "--resume " + job in str(stopped.value)
-    assert (library.job_folder(job) / "checkpoint.safetensors").exists()
+    assert (Jobs(library).folder(job) / "checkpoint.safetensors").exists()
     assert not library.name_taken("resumed")  # no adapter from a stopped run
 
     progress = []
@@ -288,7 +289,7 @@ def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(t
     assert training[0].message == f"resumed at step {stop_after}" and training[0].step == stop_after
     assert [p.step for p in training[1:]] == list(range(stop_after + 1, steps + 1))
     assert resumed.losses == whole.losses  # losses before the stop come from the checkpoint
-    assert not (library.job_folder(job) / "checkpoint.safetensors").exists()  # done: no stale checkpoint
+    assert not (Jobs(library).folder(job) / "checkpoint.safetensors").exists()  # done: no stale checkpoint
 
     left, right = read_adapter_file(whole.adapter.file).tensors, read_adapter_file(resumed.adapter.file).tensors
     assert left.keys() == right.keys()

@@ -1,18 +1,23 @@
-"""The job worker, driven in-process: queue order, cancel, interrupt-then-resume, failures."""
+"""The job lifecycle and the worker: queue order, cancel, interrupt-then-resume, failures, runners that vanish,
+and two worker processes sharing one queue."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
+from dreambooth_lora import jobs as jobs_module
 from dreambooth_lora.config import TrainConfig
+from dreambooth_lora.jobs import Jobs, JobStatus, Runner
 from dreambooth_lora.library import Library
 from dreambooth_lora.tinyworld import subject_image_paths
-from dreambooth_lora.worker import cancel_job, mark_orphaned_jobs, resume_job, run_worker, submit_job
+from dreambooth_lora.worker import run_worker
 
 IMAGES = subject_image_paths("bluecyan-box")[:3]
 
@@ -25,6 +30,11 @@ def prior_dir(tmp_path_factory):
 @pytest.fixture
 def library(tmp_path):
     return Library(tmp_path / "data")
+
+
+@pytest.fixture
+def jobs(library):
+    return Jobs(library)
 
 
 def config(name: str, steps: int, **overrides) -> TrainConfig:
@@ -46,90 +56,127 @@ def at_step(step: int, event: threading.Event):
     return observe
 
 
-def test_queued_jobs_run_one_at_a_time_in_order(library, prior_dir):
-    first = submit_job(library, config("first", 2), IMAGES)
-    time.sleep(0.01)
+def test_queued_jobs_run_one_at_a_time_in_order(library, jobs, prior_dir):
+    first = jobs.create(config("first", 2), IMAGES)
+    time.sleep(0.01)  # distinct creation times (the queue's order)
     # The second job fails fast (unknown model), so the order is visible without a second full run.
-    second = submit_job(library, TrainConfig(token="sks", class_noun="box", base_model="builtin:nope",
-                                             name="second", steps=2), IMAGES)
-    assert library.job(first)["status"] == library.job(second)["status"] == "queued"
+    second = jobs.create(TrainConfig(token="sks", class_noun="box", base_model="builtin:nope", name="second", steps=2),
+                         IMAGES)
+    assert jobs.get(first).status == jobs.get(second).status == JobStatus.QUEUED
 
     run_once(library, prior_dir)
-    done = library.job(first)
-    assert done["status"] == "done" and done["step"] == 2 and len(done["losses"]) == 2
-    assert library.get(done["adapter_id"]).name == "first"
-    assert library.job(second)["status"] == "queued"  # one job per claim: the second waited
+    done = jobs.get(first)
+    assert done.status == JobStatus.DONE and done.step == 2 and len(done.losses) == 2
+    assert library.get(done.adapter_id).name == "first" == jobs.adapter_name(done)
+    assert jobs.get(second).status == JobStatus.QUEUED  # one job per claim: the second waited
 
     run_once(library, prior_dir)
-    failed = library.job(second)
-    assert failed["status"] == "failed" and "Unknown built-in model 'builtin:nope'" in failed["error"]
-    assert "\n" not in failed["error"]
+    failed = jobs.get(second)
+    assert failed.status == JobStatus.FAILED and "Unknown built-in model 'builtin:nope'" in failed.error
+    assert "\n" not in failed.error and "Traceback" in (failed.folder / "log.txt").read_text()
     assert [e.name for e in library.list()] == ["first"]
     run_once(library, prior_dir)  # nothing queued: returns at once
 
 
-def test_cancel_stops_the_job_and_saves_no_adapter(library, prior_dir):
-    job_id = submit_job(library, config("cancelled", 500), IMAGES)
+def test_cancel_stops_the_job_and_saves_no_adapter(library, jobs, prior_dir):
+    job_id = jobs.create(config("cancelled", 500), IMAGES)
     training = threading.Event()
     worker = threading.Thread(target=run_once, args=(library, prior_dir), kwargs={"on_progress": at_step(1, training)})
     worker.start()
     assert training.wait(120)
-    assert cancel_job(library, job_id) == "cancelling"
+    assert jobs.cancel(job_id) == JobStatus.CANCELLING
     worker.join(60)
-    job = library.job(job_id)
-    assert job["status"] == "cancelled" and 1 <= job["step"] < 500
+    job = jobs.get(job_id)
+    assert job.status == JobStatus.CANCELLED and 1 <= job.step < 500
     assert library.list() == [] and not library.name_taken("cancelled")
-    assert (library.job_folder(job_id) / "checkpoint.safetensors").exists()  # kept, so it can be resumed
+    assert job.checkpoint.exists()  # kept, so it can be resumed
     assert not list((library.root / "adapters").glob(".staging-*"))
 
-    queued = submit_job(library, config("never-started", 2), IMAGES)
-    assert cancel_job(library, queued) == "cancelled"
+    queued = jobs.create(config("never-started", 2), IMAGES)
+    assert jobs.cancel(queued) == JobStatus.CANCELLED
     run_once(library, prior_dir)
-    assert library.job(queued)["status"] == "cancelled" and library.list() == []
+    assert jobs.get(queued).status == JobStatus.CANCELLED and library.list() == []
+    jobs.delete(queued)
+    assert not jobs.folder(queued).exists() and queued not in {j.id for j in jobs.list()}
 
 
-def test_interrupted_job_resumes_from_its_checkpoint(library, prior_dir):
-    job_id = submit_job(library, config("resumed", 8), IMAGES)
+def test_interrupted_job_resumes_from_its_checkpoint(library, jobs, prior_dir):
+    job_id = jobs.create(config("resumed", 8, checkpoint_every=2), IMAGES)
     stop = threading.Event()  # what SIGTERM sets when the server shuts its worker down
     # Set from the worker's own progress report at step 3, so the stop lands mid-run on any machine.
     worker = threading.Thread(target=run_once, args=(library, prior_dir), kwargs={"stop": stop, "on_progress": at_step(3, stop)})
     worker.start()
     worker.join(120)
-    stopped = library.job(job_id)
-    assert stopped["status"] == "interrupted" and 3 <= stopped["step"] < 8
-    losses_before = stopped["losses"]
-    assert len(losses_before) == stopped["step"]
+    stopped = jobs.get(job_id)
+    assert stopped.status == JobStatus.INTERRUPTED and 3 <= stopped.step < 8
+    losses_before = stopped.losses
+    assert len(losses_before) == stopped.step
 
-    # A restart: the worker process is gone, and serve marks its running job interrupted.
-    library.update_job(job_id, status="running", worker_pid=_dead_pid())
-    assert mark_orphaned_jobs(library) == [job_id]
-    assert library.job(job_id)["status"] == "interrupted"
+    # A crash: the job is running with a runner that no longer exists, and reads as interrupted.
+    jobs.update(job_id, status=JobStatus.RUNNING, runner_host=jobs_module.HOST, runner_pid=_dead_pid(),
+                heartbeat=time.time())
+    assert jobs.get(job_id).status == JobStatus.INTERRUPTED
 
-    assert resume_job(library, job_id) == "queued"
+    assert "resumes from its checkpoint at step" in jobs.resume(job_id)
+    assert jobs.get(job_id).status == JobStatus.QUEUED
     run_once(library, prior_dir)
-    done = library.job(job_id)
-    assert done["status"] == "done" and done["step"] == 8
-    assert done["losses"][: len(losses_before)] == losses_before  # continued, not restarted
-    assert len(done["losses"]) == 8
+    done = jobs.get(job_id)
+    assert done.status == JobStatus.DONE and done.step == 8
+    assert done.losses[: len(losses_before)] == losses_before  # continued, not restarted
+    assert len(done.losses) == 8
     assert library.get("resumed").steps == 8
 
 
-def test_a_crashing_job_records_its_error_and_the_queue_goes_on(library, prior_dir):
-    lost = submit_job(library, config("lost-images", 2), IMAGES)
-    shutil.rmtree(library.job_folder(lost) / "images")
-    later = submit_job(library, config("later", 2), IMAGES)
-    cancel_job(library, later)
+def test_a_live_runner_keeps_its_job_and_a_silent_one_loses_it(jobs):
+    # `dreambooth-lora train` records itself as the runner; `serve` starting beside it must leave the job alone.
+    live = jobs.create(config("live", 2), IMAGES, status=JobStatus.RUNNING)
+    assert jobs.get(live).runner.pid == os.getpid()
+    assert jobs.reap() == [] and jobs.get(live).status == JobStatus.RUNNING
+    # A runner on another machine is judged by its heartbeat alone.
+    far = jobs.create(config("far", 2), IMAGES)
+    assert jobs.claim_next(Runner("another-host", 1, time.time(), time.time())).id == far
+    assert jobs.get(far).status == JobStatus.RUNNING
+    jobs.update(far, heartbeat=time.time() - jobs_module.STALE_SECONDS - 1)
+    assert jobs.reap() == [far] and jobs.get(far).status == JobStatus.INTERRUPTED
+    assert "another-host" in (jobs.folder(far) / "log.txt").read_text()
+    assert jobs.get(live).status == JobStatus.RUNNING
+
+
+def test_a_crashing_job_records_its_error_and_the_queue_goes_on(library, jobs, prior_dir):
+    lost = jobs.create(config("lost-images", 2), IMAGES)
+    shutil.rmtree(jobs.folder(lost) / "images")
+    later = jobs.create(config("later", 2), IMAGES)
+    jobs.cancel(later)
 
     run_once(library, prior_dir)
-    failed = library.job(lost)
-    assert failed["status"] == "failed" and failed["error"].startswith("FileNotFoundError")
+    failed = jobs.get(lost)
+    assert failed.status == JobStatus.FAILED and failed.error.startswith("FileNotFoundError")
     assert library.list() == []
     with pytest.raises(Exception, match="only queued or running"):
-        cancel_job(library, lost)
-    assert resume_job(library, lost) == "queued"  # a failed job can be tried again
+        jobs.cancel(lost)
+    with pytest.raises(Exception, match="lost its photos"):
+        jobs.resume(lost)  # resume is offered only where it can work
+    assert "starts again from step 0" in jobs.resume(later)  # cancelled before it started: no checkpoint
 
 
 def _dead_pid() -> int:
     process = subprocess.Popen(["true"])
     process.wait()
     return process.pid
+
+
+@pytest.mark.slow
+def test_two_worker_processes_run_each_of_six_jobs_exactly_once(library, jobs, prior_dir):
+    queued = [jobs.create(config(f"job{i}", 2), IMAGES) for i in range(6)]
+    command = [sys.executable, "-m", "dreambooth_lora.cli", "worker", "--until-idle",
+               "--data-root", str(library.root), "--prior-dir", str(prior_dir)]
+    workers = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    errors = [worker.communicate(timeout=600)[1].decode() for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], errors
+    for job_id in queued:
+        job = jobs.get(job_id)
+        assert job.status == JobStatus.DONE, (job_id, job.error)
+        assert (job.folder / "log.txt").read_text().count("started on") == 1  # claimed once, by one worker
+    runners = {jobs.get(job_id).runner.pid for job_id in queued}
+    assert runners <= {worker.pid for worker in workers}
+    assert sorted(e.name for e in library.list()) == [f"job{i}" for i in range(6)]

@@ -1,0 +1,486 @@
+"""Training jobs: the record, its status and its whole life (create, claim, run, cancel, resume, delete).
+
+The CLI's `train` and the worker both run a job through `run_job`. A running job records its runner (host,
+pid, start time, and a heartbeat written by a thread every HEARTBEAT_SECONDS); a running job whose runner is
+gone (its pid is dead on this host, or its heartbeat is older than STALE_SECONDS) reads as interrupted, so it
+can be resumed and is never trained by two processes at once. docs/DESIGN.md, "Jobs", has the rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Callable
+
+from sqlalchemy import delete, insert, select, update
+
+from .checkpoint import checkpoint_step
+from .config import TrainConfig
+from .db import jobs as jobs_table
+from .errors import UserError
+from .images import expand_image_paths, load_subject_images
+from .library import Library, new_id
+from .paths import validate_name
+
+HEARTBEAT_SECONDS = 10.0
+STALE_SECONDS = 60.0
+WRITE_INTERVAL = 0.5  # at most ~2 progress writes a second: the database is shared with the UI
+CANCEL_CHECK_INTERVAL = 0.5
+HOST = socket.gethostname()
+CHECKPOINT_FILE = "checkpoint.safetensors"
+LOG_FILE = "log.txt"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLING = "cancelling"  # running, asked to stop; becomes cancelled at its next step
+    INTERRUPTED = "interrupted"  # stopped with a checkpoint (or its runner vanished): resumable
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE = (JobStatus.RUNNING, JobStatus.CANCELLING)
+RESUMABLE = (JobStatus.INTERRUPTED, JobStatus.CANCELLED, JobStatus.FAILED)
+FINISHED = (JobStatus.DONE, *RESUMABLE)
+
+
+@dataclass(frozen=True)
+class Runner:
+    """The process training a job."""
+
+    host: str
+    pid: int
+    started: float
+    heartbeat: float
+
+    @classmethod
+    def this_process(cls) -> "Runner":
+        now = time.time()
+        return cls(HOST, os.getpid(), now, now)
+
+    def gone(self, now: float | None = None) -> bool:
+        if self.host == HOST and not pid_alive(self.pid):
+            return True
+        return (now or time.time()) - self.heartbeat > STALE_SECONDS
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    status: JobStatus
+    config: dict
+    phase: str
+    step: int
+    total: int
+    losses: list
+    message: str
+    error: str | None
+    adapter_id: str | None
+    runner: Runner | None
+    cancel_requested: bool
+    created: float
+    updated: float
+    folder: Path
+
+    @property
+    def name(self) -> str:
+        return self.config.get("name", "")
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / CHECKPOINT_FILE
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**self.config)
+
+    def to_dict(self, adapter_name: str | None = None) -> dict:
+        """The JSON of `jobs show --json`; `adapter` is the adapter's current name (None until saved)."""
+        runner = None if self.runner is None else {"host": self.runner.host, "pid": self.runner.pid,
+                                                   "started": self.runner.started, "heartbeat": self.runner.heartbeat}
+        return {"id": self.id, "status": str(self.status), "phase": self.phase, "step": self.step, "total": self.total,
+                "losses": self.losses, "message": self.message, "error": self.error, "adapter": adapter_name,
+                "adapter_id": self.adapter_id, "runner": runner, "cancel_requested": self.cancel_requested,
+                "created": self.created, "updated": self.updated, "config": self.config}
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+_RUNNER_COLUMNS = ("runner_host", "runner_pid", "runner_started", "heartbeat")
+
+
+def _runner_values(runner: Runner | None) -> dict:
+    if runner is None:
+        return dict.fromkeys(_RUNNER_COLUMNS)
+    return dict(runner_host=runner.host, runner_pid=runner.pid, runner_started=runner.started, heartbeat=runner.heartbeat)
+
+
+class Jobs:
+    """The jobs of one library: rows in its database and folders under <data root>/jobs/."""
+
+    def __init__(self, library: Library):
+        self.library = library
+        self.engine = library.engine
+        self.root = library.root / "jobs"
+        self.root.mkdir(exist_ok=True)
+
+    def folder(self, job_id: str) -> Path:
+        return self.root / job_id
+
+    # ----- creating -----
+    def create(self, config: TrainConfig, image_paths: list, status: JobStatus = JobStatus.QUEUED) -> str:
+        """Check the photos and the name, copy the photos into jobs/<id>/images and record the job.
+
+        With status RUNNING the calling process is its runner (the CLI's foreground `train`).
+        """
+        files = expand_image_paths(image_paths)
+        load_subject_images(files, 8)  # validates every file now, before anything slow happens
+        name = config.name or default_adapter_name(self.library, config)
+        validate_name(name, "adapter name")
+        if self.library.name_taken(name):
+            raise UserError(f"An adapter named {name!r} already exists; choose another --name.")
+        job_id = new_id()
+        images = self.folder(job_id) / "images"
+        images.mkdir(parents=True)
+        for index, path in enumerate(files):
+            shutil.copyfile(path, images / f"{index:02d}{Path(path).suffix.lower()}")
+        now = time.time()
+        runner = Runner.this_process() if status == JobStatus.RUNNING else None
+        with self.engine.begin() as db:
+            db.execute(insert(jobs_table).values(
+                id=job_id, status=str(status), config=json.dumps({**config.to_dict(), "name": name}), phase=str(status),
+                step=0, total=0, losses="[]", message="", cancel_requested=0, created=now, updated=now,
+                **_runner_values(runner)))
+        self.log(job_id, f"created ({status}) for adapter {name!r}")
+        return job_id
+
+    # ----- reading -----
+    def get(self, job_id: str) -> Job:
+        self.reap()
+        with self.engine.connect() as db:
+            row = db.execute(select(jobs_table).where(jobs_table.c.id == job_id)).mappings().first()
+        if row is None:
+            raise UserError(f"No job {job_id!r} under {self.library.root}.")
+        return self._job(row)
+
+    def list(self, statuses: tuple[JobStatus, ...] | None = None) -> list[Job]:
+        """Newest first."""
+        self.reap()
+        query = select(jobs_table).order_by(jobs_table.c.created.desc(), jobs_table.c.id.desc())
+        if statuses is not None:
+            query = query.where(jobs_table.c.status.in_([str(s) for s in statuses]))
+        with self.engine.connect() as db:
+            return [self._job(row) for row in db.execute(query).mappings().all()]
+
+    def adapter_name(self, job: Job) -> str | None:
+        if not job.adapter_id:
+            return None
+        try:
+            return self.library.get(job.adapter_id).name
+        except UserError:  # deleted since
+            return None
+
+    def reap(self) -> list[str]:
+        """Running jobs whose runner is gone become interrupted (resumable); returns their ids."""
+        with self.engine.connect() as db:
+            rows = db.execute(select(jobs_table).where(jobs_table.c.status.in_([str(s) for s in ACTIVE]))).mappings().all()
+        reaped = []
+        for row in rows:
+            runner = _runner(row)
+            if runner is not None and not runner.gone():
+                continue
+            # Compare-and-set on the heartbeat: a runner that beats meanwhile keeps its job.
+            with self.engine.begin() as db:
+                changed = db.execute(update(jobs_table).where(
+                    jobs_table.c.id == row["id"], jobs_table.c.status == row["status"],
+                    _same(jobs_table.c.heartbeat, row["heartbeat"]), _same(jobs_table.c.runner_pid, row["runner_pid"]),
+                ).values(status=str(JobStatus.INTERRUPTED), phase=str(JobStatus.INTERRUPTED), updated=time.time(),
+                         message=f"its runner stopped at step {row['step']}; resume to continue from the last checkpoint")
+                ).rowcount
+            if changed:
+                where = "no runner" if runner is None else f"pid {runner.pid} on {runner.host}"
+                self.log(row["id"], f"marked interrupted: its runner ({where}) is gone")
+                reaped.append(row["id"])
+        return reaped
+
+    # ----- the runner's side -----
+    def claim_next(self, runner: Runner) -> Job | None:
+        """Take the oldest queued job for `runner`: one atomic UPDATE ... WHERE status = 'queued' per try."""
+        while True:
+            with self.engine.connect() as db:
+                job_id = db.execute(select(jobs_table.c.id).where(jobs_table.c.status == str(JobStatus.QUEUED))
+                                    .order_by(jobs_table.c.created, jobs_table.c.id).limit(1)).scalar()
+            if job_id is None:
+                return None
+            if self._take(job_id, runner, (JobStatus.QUEUED,)):
+                return self.get(job_id)
+            # another worker took it between the two statements: try the next one
+
+    def claim(self, job_id: str, runner: Runner) -> Job:
+        """Take one job to run in this process (`train --resume`): a queued or resumable one, never a running one."""
+        job = self.get(job_id)
+        if not self._take(job_id, runner, (JobStatus.QUEUED, *RESUMABLE)):
+            job = self.get(job_id)
+            if job.status in ACTIVE:
+                raise UserError(f"Job {job_id} is {job.status} in pid {job.runner.pid} on {job.runner.host}; "
+                                "cancel it first or wait for it.")
+            raise UserError(f"Job {job_id} is {job.status}; only queued, interrupted, cancelled or failed jobs can run again.")
+        return self.get(job_id)
+
+    def _take(self, job_id: str, runner: Runner, statuses) -> bool:
+        with self.engine.begin() as db:
+            taken = db.execute(update(jobs_table).where(
+                jobs_table.c.id == job_id, jobs_table.c.status.in_([str(s) for s in statuses]),
+            ).values(status=str(JobStatus.RUNNING), phase="preparing", error=None, cancel_requested=0, updated=time.time(),
+                     message="", **_runner_values(runner))).rowcount == 1
+        if taken:
+            self.log(job_id, f"started on {runner.host} pid {runner.pid}")
+        return taken
+
+    def beat(self, job_id: str, runner: Runner) -> bool:
+        """The runner's heartbeat; False when the job is no longer this runner's."""
+        with self.engine.begin() as db:
+            return db.execute(update(jobs_table).where(
+                jobs_table.c.id == job_id, jobs_table.c.runner_pid == runner.pid, jobs_table.c.runner_host == runner.host,
+                jobs_table.c.status.in_([str(s) for s in ACTIVE]),
+            ).values(heartbeat=time.time())).rowcount == 1
+
+    def update(self, job_id: str, **fields) -> None:
+        """Progress and results; `losses` is a list, `status` a JobStatus."""
+        if "losses" in fields:
+            fields["losses"] = json.dumps(fields["losses"])
+        if "status" in fields:
+            fields["status"] = str(JobStatus(fields["status"]))
+        with self.engine.begin() as db:
+            db.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(updated=time.time(), **fields))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self.engine.connect() as db:
+            return bool(db.execute(select(jobs_table.c.cancel_requested).where(jobs_table.c.id == job_id)).scalar())
+
+    # ----- what a person does -----
+    def cancel(self, job_id: str) -> JobStatus:
+        """A queued job is cancelled at once; a running one stops at its next step (cancelling)."""
+        job = self.get(job_id)
+        with self.engine.begin() as db:
+            if db.execute(update(jobs_table).where(jobs_table.c.id == job_id, jobs_table.c.status == str(JobStatus.QUEUED))
+                          .values(status=str(JobStatus.CANCELLED), phase=str(JobStatus.CANCELLED), cancel_requested=1,
+                                  message="cancelled before it started", updated=time.time())).rowcount:
+                self.log(job_id, "cancelled while queued")
+                return JobStatus.CANCELLED
+            if db.execute(update(jobs_table).where(jobs_table.c.id == job_id, jobs_table.c.status == str(JobStatus.RUNNING))
+                          .values(status=str(JobStatus.CANCELLING), cancel_requested=1, updated=time.time(),
+                                  message="cancel requested; stopping at the next step")).rowcount:
+                self.log(job_id, "cancel requested")
+                return JobStatus.CANCELLING
+        if job.status == JobStatus.CANCELLING:
+            return JobStatus.CANCELLING
+        raise UserError(f"Job {job_id} is {self.get(job_id).status}; only queued or running jobs can be cancelled.")
+
+    def resume(self, job_id: str) -> str:
+        """Queue an interrupted, cancelled or failed job again for the worker; returns what will happen, in words."""
+        job = self.get(job_id)
+        if job.status not in RESUMABLE:
+            raise UserError(f"Job {job_id} is {job.status}; only interrupted, cancelled or failed jobs can be resumed.")
+        if not (job.folder / "images").is_dir():
+            raise UserError(f"Job {job_id} has lost its photos ({job.folder / 'images'}); start a new job instead.")
+        step = checkpoint_step(job.checkpoint)
+        message = (f"resumes from its checkpoint at step {step} of {job.total or '?'}" if step is not None
+                   else "no checkpoint: starts again from step 0")
+        with self.engine.begin() as db:
+            changed = db.execute(update(jobs_table).where(
+                jobs_table.c.id == job_id, jobs_table.c.status.in_([str(s) for s in RESUMABLE]),
+            ).values(status=str(JobStatus.QUEUED), phase=str(JobStatus.QUEUED), cancel_requested=0, error=None,
+                     message=message, updated=time.time(), **_runner_values(None))).rowcount
+        if not changed:
+            raise UserError(f"Job {job_id} changed meanwhile ({self.get(job_id).status}); try again.")
+        self.log(job_id, f"queued again: {message}")
+        return message
+
+    def delete(self, job_id: str) -> None:
+        """Remove a finished job's row, photos and checkpoint (row first, so listings never show half of it)."""
+        job = self.get(job_id)
+        if job.status not in FINISHED:
+            raise UserError(f"Job {job_id} is {job.status}; cancel it first (only finished jobs can be deleted).")
+        trash = self.root / f".deleted-{job_id}"
+        with self.engine.begin() as db:
+            if not db.execute(delete(jobs_table).where(jobs_table.c.id == job_id,
+                                                       jobs_table.c.status.in_([str(s) for s in FINISHED]))).rowcount:
+                raise UserError(f"Job {job_id} changed meanwhile ({self.get(job_id).status}); try again.")
+            if job.folder.exists():
+                job.folder.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def log(self, job_id: str, line: str) -> None:
+        folder = self.folder(job_id)
+        if folder.is_dir():
+            with open(folder / LOG_FILE, "a", encoding="utf-8") as handle:
+                handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line.rstrip()}\n")
+
+    def _job(self, row) -> Job:
+        return Job(id=row["id"], status=JobStatus(row["status"]), config=json.loads(row["config"]), phase=row["phase"] or "",
+                   step=row["step"] or 0, total=row["total"] or 0, losses=json.loads(row["losses"] or "[]"),
+                   message=row["message"] or "", error=row["error"], adapter_id=row["adapter_id"], runner=_runner(row),
+                   cancel_requested=bool(row["cancel_requested"]), created=row["created"] or 0.0,
+                   updated=row["updated"] or 0.0, folder=self.folder(row["id"]))
+
+
+def _runner(row) -> Runner | None:
+    if row["runner_pid"] is None:
+        return None
+    return Runner(row["runner_host"] or "", row["runner_pid"], row["runner_started"] or 0.0, row["heartbeat"] or 0.0)
+
+
+def _same(column, value):
+    return column.is_(None) if value is None else column == value
+
+
+def create_job(library: Library, config: TrainConfig, image_paths: list, status: JobStatus = JobStatus.QUEUED) -> str:
+    return Jobs(library).create(config, image_paths, status)
+
+
+def default_adapter_name(library: Library, config: TrainConfig) -> str:
+    base = f"{config.token}-{config.class_noun.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M')}"
+    name, suffix = base, 2
+    while library.name_taken(name):
+        name, suffix = f"{base}-{suffix}", suffix + 1
+    return name
+
+
+# ----------------------------------------------------------------- running a job (CLI and worker alike)
+
+
+def run_job(jobs: Jobs, job_id: str, prior_dir=None, *, observer: Callable | None = None,
+            stop: threading.Event | None = None, sample_every: int = 0, raise_user_errors: bool = False) -> Job:
+    """Train a job this process has claimed, to done, cancelled, interrupted or failed; return its final record.
+
+    `observer(job_id, progress)` sees every progress report after it is recorded; `stop` (SIGTERM in the worker)
+    interrupts at the next step with a checkpoint. Every exception ends the job as failed with a one-line reason;
+    the traceback goes to the job's log file; with `raise_user_errors` (the CLI) a UserError is raised again
+    after it is recorded, so the person sees its sentence.
+    """
+    from .train import TrainingStopped, run_training  # train imports the job record; this keeps imports one-way
+
+    stop = stop or threading.Event()
+    runner = jobs.get(job_id).runner
+    writer = _ProgressWriter(jobs, job_id, observer)
+    heartbeat = _Heartbeat(jobs, job_id, runner)
+    heartbeat.start()
+    try:
+        result = run_training(jobs.library, job_id, prior_dir, on_progress=writer, should_stop=writer.stop_check(stop),
+                              sample_every=sample_every)
+    except TrainingStopped as stopped:
+        status = JobStatus.CANCELLED if writer.cancel_seen else JobStatus.INTERRUPTED
+        jobs.update(job_id, status=status, phase=str(status), step=stopped.step, losses=writer.losses[: stopped.step],
+                    message=f"{status} at step {stopped.step}; the checkpoint is kept, so it can be resumed")
+    except KeyboardInterrupt:  # before the training loop (loading, class images): nothing to checkpoint yet
+        jobs.update(job_id, status=JobStatus.INTERRUPTED, phase=str(JobStatus.INTERRUPTED),
+                    message="interrupted before training started; resume to start it again")
+    except Exception as error:  # noqa: BLE001 - any failure (bad input, out of memory) ends the job as failed
+        jobs.log(job_id, "failed:\n" + traceback.format_exc())
+        jobs.update(job_id, status=JobStatus.FAILED, phase=str(JobStatus.FAILED), error=one_line(error),
+                    losses=writer.losses)
+        if raise_user_errors and isinstance(error, UserError):
+            raise
+    else:
+        jobs.update(job_id, status=JobStatus.DONE, phase=str(JobStatus.DONE), step=len(result.losses),
+                    losses=result.losses, adapter_id=result.adapter.id, message=f"saved adapter {result.adapter.name}")
+    finally:
+        heartbeat.stop()
+    job = jobs.get(job_id)
+    jobs.log(job_id, f"{job.status} at step {job.step}" + (f": {job.error}" if job.error else ""))
+    return job
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    if not isinstance(error, UserError):
+        text = f"{type(error).__name__}: {text}"
+    return text[:500]
+
+
+class _Heartbeat:
+    """A thread that writes the runner's heartbeat every HEARTBEAT_SECONDS, so loading and class images count."""
+
+    def __init__(self, jobs: Jobs, job_id: str, runner: Runner | None):
+        self.jobs, self.job_id, self.runner = jobs, job_id, runner
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def start(self) -> None:
+        if self.runner is not None:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(HEARTBEAT_SECONDS):
+            self.jobs.beat(self.job_id, self.runner)
+
+
+class _ProgressWriter:
+    """on_progress for run_training: throttled writes of phase, step and losses, and the cancel check."""
+
+    def __init__(self, jobs: Jobs, job_id: str, observer: Callable | None = None):
+        self.jobs, self.job_id, self.observer = jobs, job_id, observer
+        self.losses: list[float] = list(jobs.get(job_id).losses)
+        self.last_write, self.last_phase, self.last_check = 0.0, None, 0.0
+        self.cancel_seen = False
+
+    def __call__(self, progress) -> None:
+        self._record(progress)
+        if self.observer is not None:
+            self.observer(self.job_id, progress)
+
+    def _record(self, progress) -> None:
+        if progress.phase == "training" and progress.sample is None:
+            if progress.message.startswith("resumed"):
+                self.losses = self.losses[: progress.step]  # the checkpoint's step is the truth
+            elif progress.loss is not None and progress.step > 0:
+                self.losses[progress.step - 1 :] = [progress.loss]
+        now = time.time()
+        urgent = progress.phase != self.last_phase or progress.message or progress.sample is not None
+        if not urgent and now - self.last_write < WRITE_INTERVAL and progress.step != progress.total:
+            return
+        fields = dict(phase=progress.phase, step=progress.step, total=progress.total, heartbeat=now)
+        if progress.phase == "training":
+            fields["losses"] = self.losses
+        if progress.message:
+            fields["message"] = progress.message
+            self.jobs.log(self.job_id, progress.message)
+        self.jobs.update(self.job_id, **fields)
+        self.last_write, self.last_phase = now, progress.phase
+
+    def stop_check(self, stop: threading.Event):
+        def should_stop() -> bool:
+            if stop.is_set():
+                return True
+            now = time.time()
+            if now - self.last_check >= CANCEL_CHECK_INTERVAL:
+                self.last_check = now
+                self.cancel_seen = self.jobs.cancel_requested(self.job_id)
+            return self.cancel_seen
+
+        return should_stop
