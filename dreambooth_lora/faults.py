@@ -1,7 +1,7 @@
 """Fault injection for the crash-safety bench (bench/faults.py) and its test.
 
 With `DBL_FAULT=<point>:<n>` in the environment, the process kills itself with SIGKILL (as `kill -9` would)
-the n-th time it passes `fault_point(<point>)`. Points: class_images (after a class image is cached), step
+the n-th time it passes `fault_point(<point>)`. Points: class_images (a class image written, the cache manifest not yet updated), step
 (mid-step: gradients computed, weights not updated), checkpoint (checkpoint file written, not yet renamed
 into place), saving (adapter file written in its staging folder; then again with the folder moved into the
 library but its row not committed). Without the variable this costs one dictionary lookup.

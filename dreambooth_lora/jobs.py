@@ -213,8 +213,8 @@ class Jobs:
                 changed = db.execute(update(jobs_table).where(
                     jobs_table.c.id == row["id"], jobs_table.c.status == row["status"],
                     _same(jobs_table.c.heartbeat, row["heartbeat"]), _same(jobs_table.c.runner_pid, row["runner_pid"]),
-                ).values(status=str(JobStatus.INTERRUPTED), phase=str(JobStatus.INTERRUPTED), updated=time.time(),
-                         message=f"its runner stopped at step {row['step']}; resume to continue from the last checkpoint")
+                ).values(status=str(JobStatus.INTERRUPTED), updated=time.time(),  # the phase stays: where it stopped
+                         message=f"its runner stopped ({row['phase']}, step {row['step']}); resume to continue from the last checkpoint")
                 ).rowcount
             if changed:
                 where = "no runner" if runner is None else f"pid {runner.pid} on {runner.host}"

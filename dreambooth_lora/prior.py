@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from .models import BaseModel
+from .faults import fault_point
 from .paths import atomic_path, atomic_write_bytes
 
 PRIOR_STEPS = 20  # DPM-Solver++ converges in ~20 steps (tiny-world probe; Lu et al. 2022)
@@ -66,6 +67,7 @@ def ensure_prior_images(
                 name = f"{index:05d}.png"
                 with atomic_path(folder / name) as tmp:
                     image.save(tmp, format="PNG")
+                fault_point("class_images")  # an image written, the manifest not yet updated
                 images[str(index)] = {"file": name, "seed": settings.seed_base + index}
             # The manifest is rewritten after each batch, so an interrupted run keeps what it made.
             atomic_write_bytes(manifest_path, json.dumps(manifest, indent=1).encode())

@@ -185,10 +185,7 @@ def ensure_class_images(model: BaseModel, config: TrainConfig, device, prior_dir
     if config.prior_weight <= 0 or config.num_class_images <= 0:
         return []
     settings = PriorSettings(prompt=config.class_prompt, resolution=config.resolution)
-    def report(done: int, total: int) -> None:
-        on_progress(Progress("class_images", done, total))
-        fault_point("class_images")
-
+    report = lambda done, total: on_progress(Progress("class_images", done, total))
     model.unet.to(device), model.vae.to(device), model.text_encoder.to(device)
     paths, _ = ensure_prior_images(model, settings, config.num_class_images, prior_root(prior_dir), on_progress=report)
     return load_prior_images(paths)
