@@ -77,7 +77,7 @@ def one_kill(point: str, index: int, work: Path, photos: list[Path], rng: random
                 "--data-root", data, "--prior-dir", prior)
     process = subprocess.Popen(train, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=work)
     if point == "random":
-        delay = rng.uniform(2.0, 12.0)
+        delay = rng.uniform(1.0, 6.0)  # start-up takes ~2-4 s: some kills land before the job exists
         try:
             process.wait(delay)
         except subprocess.TimeoutExpired:
