@@ -6,6 +6,8 @@ import ctypes
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from dreambooth_lora.errors import UserError
@@ -31,7 +33,8 @@ def serve(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
     for job_id in Jobs(library).reap():
         print(f"job {job_id} lost its runner (a crash or a server restart): marked interrupted (resumable)", file=sys.stderr)
     demo = build_ui(library, prior)
-    worker = start_worker(root, prior)
+    supervisor = WorkerSupervisor(library, prior)
+    supervisor.start()
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         demo.launch(server_name=host, server_port=port, auth=credentials, allowed_paths=[str(root), str(SUBJECT_IMAGE_DIR)],
@@ -40,8 +43,54 @@ def serve(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
         raise UserError(f"Cannot serve on {host}:{port} ({error}); choose another --port.") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-        stop_worker(worker)
+        supervisor.stop()
     return 0
+
+
+class WorkerSupervisor:
+    """Keeps one worker child running: notices its death within a second, leaves its job interrupted (resumable),
+    says so in the server's output, worker.log and the job's log, and starts a new worker so the queue goes on."""
+
+    CHECK_SECONDS = 1.0
+    BACKOFF_SECONDS = 30.0  # after 3 deaths within a minute: a worker that cannot start should not spin
+
+    def __init__(self, library: Library, prior: Path):
+        self.library, self.prior = library, prior
+        self.worker: subprocess.Popen | None = None
+        self.deaths: list[float] = []
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self.worker = start_worker(self.library.root, self.prior)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+        stop_worker(self.worker)
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(self.CHECK_SECONDS):
+            code = self.worker.poll()
+            if code is None:
+                continue
+            now = time.time()
+            self.deaths = [t for t in self.deaths if now - t < 60] + [now]
+            # Its training child gets SIGTERM with it and stops with a checkpoint (interrupted, resumable);
+            # a job whose runner is gone altogether is marked interrupted here.
+            Jobs(self.library).reap()
+            self._say(f"worker pid {self.worker.pid} exited with code {code}; its job (if any) stops with a checkpoint "
+                      "and reads interrupted (resumable); starting a new worker")
+            if len(self.deaths) >= 3 and self._stopped.wait(self.BACKOFF_SECONDS):
+                return
+            self.worker = start_worker(self.library.root, self.prior)
+
+    def _say(self, line: str) -> None:
+        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} serve: {line}"
+        print(stamped, file=sys.stderr, flush=True)
+        with open(self.library.root / "worker.log", "a", encoding="utf-8") as log:
+            log.write(stamped + "\n")
 
 
 def parse_auth(auth: str | None) -> tuple[str, str] | None:

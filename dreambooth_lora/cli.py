@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = command("worker", "Run queued training jobs one at a time (serve starts one).")
     w.add_argument("--until-idle", action="store_true", help="stop when the queue is empty instead of waiting for more")
+    w.add_argument("--job", metavar="JOB", help="(used by the worker itself) train the job this process's parent worker claimed")
 
     jobs = command("jobs", "List and manage training jobs (queued, running and finished).")
     jsub = jobs.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -316,15 +317,32 @@ def cmd_mix(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    wait_passively()
     from app.server import serve
 
     return serve(host=args.host, port=args.port, auth=args.auth, data_root=args.data_root, prior_dir=args.prior_dir)
 
 
 def cmd_worker(args) -> int:
+    if args.job:  # a training child: the default OpenMP policy (run_in_child dropped the idle one)
+        from .worker import run_claimed_job
+
+        return run_claimed_job(_library(args), args.job, args.prior_dir)
+    wait_passively()
     from .worker import run_worker
 
-    return run_worker(_library(args), args.prior_dir, until_idle=args.until_idle)
+    return run_worker(_library(args), args.prior_dir, until_idle=args.until_idle, isolate=True)
+
+
+def wait_passively() -> None:
+    """For processes that mostly wait (serve, the idle worker): OpenMP threads sleep instead of spinning.
+
+    Read once, when torch loads its OpenMP runtime, so this must run before torch is imported. A policy the
+    person set is kept; one set here is dropped again for the worker's training children (worker.run_in_child).
+    """
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ["DBL_PASSIVE_WAIT"] = "1"
 
 
 def cmd_jobs(args) -> int:

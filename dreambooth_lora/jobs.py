@@ -256,6 +256,18 @@ class Jobs:
             self.log(job_id, f"started on {runner.host} pid {runner.pid}")
         return taken
 
+    def hand_over(self, job_id: str, from_pid: int, runner: Runner) -> Job:
+        """A worker's child process takes over the job its worker claimed (pid `from_pid`, this host)."""
+        with self.engine.begin() as db:
+            taken = db.execute(update(jobs_table).where(
+                jobs_table.c.id == job_id, jobs_table.c.status == str(JobStatus.RUNNING),
+                jobs_table.c.runner_pid == from_pid, jobs_table.c.runner_host == runner.host,
+            ).values(updated=time.time(), **_runner_values(runner))).rowcount == 1
+        if not taken:
+            raise UserError(f"Job {job_id} is not running under pid {from_pid}; nothing to take over.")
+        self.log(job_id, f"running in pid {runner.pid} (a child of worker pid {from_pid})")
+        return self.get(job_id)
+
     def beat(self, job_id: str, runner: Runner) -> bool:
         """The runner's heartbeat; False when the job is no longer this runner's."""
         with self.engine.begin() as db:

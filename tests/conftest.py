@@ -10,13 +10,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import dreambooth_lora  # noqa: F401  first: it sets OMP_WAIT_POLICY before torch loads OpenMP
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+# Test processes share 2 cores with the servers and workers they start: OpenMP threads sleep instead of
+# spinning while waiting (read once, when torch loads, so before any import of torch).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from dreambooth_lora.models import BaseModel, build_tiny_random, load_base_model
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dreambooth_lora.models import BaseModel, build_tiny_random, load_base_model  # noqa: E402
 
 # One intra-op thread: on the shared 2-core machine torch's default (a thread per core) made a
 # 30-step tiny-random run take 220 s instead of 8 s, and was still ~20% slower with passive waits.
