@@ -11,6 +11,10 @@ from pathlib import Path
 from .errors import UserError
 
 EXIT_USER_ERROR = 2
+# Commands whose process mostly waits. OpenMP threads that spin while waiting slow every other process on the
+# cores (a training job, a test run), so these sleep instead; training processes keep the default policy, which
+# trains ~3x faster on 2 threads. The policy is read once, when torch loads, so it is set before any import of it.
+WAITING_COMMANDS = ("serve", "worker")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -122,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.command in WAITING_COMMANDS:
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before _quiet_libraries imports torch
         _quiet_libraries()
         return HANDLERS[args.command](args) or 0
     except UserError as error:

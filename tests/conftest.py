@@ -8,9 +8,13 @@ fixture keeps it.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import dreambooth_lora  # noqa: F401  first: it sets OMP_WAIT_POLICY before torch loads OpenMP
+# Before torch loads OpenMP: a test run shares the cores with other processes, and spinning OpenMP threads
+# slow them all; sleeping ones do not (training itself keeps the default policy outside tests).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from pathlib import Path  # noqa: E402
+
 import numpy as np
 import pytest
 import torch
