@@ -12,6 +12,14 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 STEPS_PER_IMAGE_REAL = 150  # DreamBooth/LoRA practice: 800-1500 steps for 5 images at 512 px
 CLASS_IMAGES_REAL = 200  # DreamBooth paper's N for prior preservation
+# Built-ins with SD 1.5's layout (dreambooth_lora/builtin_configs.py): stand-ins for real models in speed work,
+# so they take real models' defaults, not the tiny built-ins' tuned ones.
+REAL_SHAPED_BUILTINS = ("builtin:sd15-toy", "builtin:sd15-random")
+
+
+def uses_tiny_defaults(base_model: str) -> bool:
+    """Whether a base model takes the tiny built-ins' defaults (see defaults_for)."""
+    return base_model.startswith("builtin:") and base_model not in REAL_SHAPED_BUILTINS
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 
 from . import __version__
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, uses_tiny_defaults
 from .errors import UserError
 from .images import expand_image_paths, load_subject_images
 from .library import AdapterEntry, Library
@@ -106,7 +106,7 @@ def run_training(
     on_progress(Progress("preparing", message=f"loading {config.base_model}"))
     model = load_base_model(config.base_model, config.config_dir)
     image_files = sorted((job_dir / "images").iterdir())
-    config = config.resolved(len(image_files), model.name.startswith("builtin:"), model.native_resolution)
+    config = config.resolved(len(image_files), uses_tiny_defaults(model.name), model.native_resolution)
     instance_images, notes = load_subject_images(image_files, config.resolution)
     for note in notes:
         on_progress(Progress("preparing", message=note))
