@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--mixed-precision", default="auto")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--timings", action="store_true", help="add per-phase timings to the JSON result (bench/speed.py)")
 
     g = command("generate", "Generate images, optionally with library adapters mixed by weight.")
     g.add_argument("--prompt", required=True)
@@ -194,7 +195,8 @@ def cmd_train(args) -> int:
     bar.close()
     library.update_job(job_id, status="done", phase="done", adapter_id=result.adapter.id, losses=result.losses)
     print(json.dumps({"adapter": result.adapter.name, "id": result.adapter.id, "seconds": round(result.seconds, 1),
-                      "final_loss": result.losses[-1] if result.losses else None}))
+                      "final_loss": result.losses[-1] if result.losses else None,
+                      **({"timings": result.timings} if args.timings else {})}))
     return 0
 
 

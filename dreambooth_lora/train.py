@@ -64,6 +64,9 @@ class TrainResult:
     job_id: str
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    # for bench/speed.py: class_images (generated), class_images_seconds, step_ends (seconds since the start of
+    # run_training at the end of each step trained in this process), peak_gpu_bytes on CUDA
+    timings: dict = field(default_factory=dict)
 
 
 def create_job(library: Library, config: TrainConfig, image_paths: list, status: str = "running") -> str:
@@ -100,7 +103,9 @@ def run_training(
     sample_every: int = 0,
 ) -> TrainResult:
     """Train the job's adapter from its checkpoint (if any) to the end and add it to the library."""
-    started = time.time()
+    started, perf_started = time.time(), time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     job_dir = library.job_folder(job_id)
     config = TrainConfig(**library.job(job_id)["params"]["config"])
     on_progress(Progress("preparing", message=f"loading {config.base_model}"))
@@ -112,7 +117,10 @@ def run_training(
         on_progress(Progress("preparing", message=note))
     device, weight_dtype, autocast_dtype = pick_precision(config)
 
-    class_images = ensure_class_images(model, config, device, prior_dir, on_progress)
+    timings: dict = {"step_ends": []}
+    class_started = time.perf_counter()
+    class_images, timings["class_images"] = ensure_class_images(model, config, device, prior_dir, on_progress)
+    timings["class_images_seconds"] = time.perf_counter() - class_started
 
     _move(model.unet, device, weight_dtype)
     model.vae.to(device)  # SD's VAE overflows in fp16; it only runs once, so fp32 is cheap
@@ -168,6 +176,7 @@ def run_training(
             trainables.after_step()
             step += 1
             losses.append(round(loss.item(), 6))
+            timings["step_ends"].append(time.perf_counter() - perf_started)
             on_progress(Progress("training", step, config.steps, losses[-1]))
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
                 checkpoint(step)
@@ -184,19 +193,21 @@ def run_training(
     on_progress(Progress("saving", step, config.steps, losses[-1] if losses else None))
     entry = save_adapter(library, model, trainables, config, job_id, losses)
     checkpoint_path.unlink(missing_ok=True)  # the adapter is saved; the checkpoint has no further use
-    return TrainResult(entry, job_id, losses, time.time() - started)
+    if device.type == "cuda":
+        timings["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return TrainResult(entry, job_id, losses, time.time() - started, timings)
 
 
 def ensure_class_images(model: BaseModel, config: TrainConfig, device, prior_dir: Path | None,
                         on_progress: Callable[[Progress], None] = lambda progress: None) -> list:
-    """The run's class-prior images from the cache, generating the missing ones; none when priors are off."""
+    """The run's class-prior images from the cache, generating the missing ones (also how many); none when priors are off."""
     if config.prior_weight <= 0 or config.num_class_images <= 0:
-        return []
+        return [], 0
     settings = PriorSettings(prompt=config.class_prompt, resolution=config.resolution)
     report = lambda done, total: on_progress(Progress("class_images", done, total))
     model.unet.to(device), model.vae.to(device), model.text_encoder.to(device)
-    paths, _ = ensure_prior_images(model, settings, config.num_class_images, prior_root(prior_dir), on_progress=report)
-    return load_prior_images(paths)
+    paths, generated = ensure_prior_images(model, settings, config.num_class_images, prior_root(prior_dir), on_progress=report)
+    return load_prior_images(paths), generated
 
 
 def prompt_check_message(similarity: float, config: TrainConfig) -> str:
