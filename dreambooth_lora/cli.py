@@ -58,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--mixed-precision", default="auto")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    speed = t.add_argument_group("speed and memory (README \"Speed\")")
+    speed.add_argument("--low-memory", action="store_true",
+                       help="gradient checkpointing, 8-bit AdamW on CUDA, text encoder and VAE off the GPU once cached")
+    speed.add_argument("--channels-last", action="store_true", help="NHWC memory layout for the UNet")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays only on long runs)")
+    speed.add_argument("--no-fused-adam", dest="fused_adam", action="store_false", help="plain AdamW on CUDA")
+    speed.add_argument("--host-noise", dest="device_noise", action="store_false",
+                       help="draw noise on the CPU and copy it each step (the old way)")
+    speed.add_argument("--loss-every", type=int, help="read the loss every K steps (default 10 on CUDA, 1 on CPU)")
+    speed.add_argument("--class-batch-size", type=int, help="class images per pipeline call (default 8 CPU, 32 CUDA)")
     t.add_argument("--timings", action="store_true", help="add per-phase timings to the JSON result (bench/speed.py)")
 
     g = command("generate", "Generate images, optionally with library adapters mixed by weight.")
@@ -176,7 +186,9 @@ def cmd_train(args) -> int:
             text_encoder=args.text_encoder, loraplus_ratio=args.loraplus_ratio, seed=args.seed,
             train_token_embedding=args.train_token_embedding, batch_size=args.batch_size,
             checkpoint_every=args.checkpoint_every, device=args.device, mixed_precision=args.mixed_precision,
-            config_dir=args.config_dir,
+            config_dir=args.config_dir, low_memory=args.low_memory, channels_last=args.channels_last,
+            compile=args.compile, fused_adam=args.fused_adam, device_noise=args.device_noise,
+            loss_every=args.loss_every, class_batch_size=args.class_batch_size,
         )
         job_id = create_job(library, config, args.images)
     print(f"job {job_id}", file=sys.stderr)
