@@ -29,7 +29,8 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 def default_reference() -> Path | None:
     """The peer beside the repo (../shared/peer), or inside it on the device machine (./shared/peer)."""
-    for candidate in (REPO.parent / "shared" / "peer", REPO / "shared" / "peer"):
+    # .whl/peer: where scripts/device_speed.sh expects a copy carried to the GPU machine
+    for candidate in (REPO.parent / "shared" / "peer", REPO / "shared" / "peer", REPO / ".whl" / "peer"):
         if (candidate / "run_reference.sh").exists():
             return candidate / "train_dreambooth_lora.py"
     return None
@@ -106,7 +107,8 @@ def run_reference(args, model_dir: Path, photos: list[Path], work: Path) -> dict
     env = {**os.environ, "MODEL_DIR": str(model_dir), "PY": sys.executable, "STEPS": str(args.steps),
            "RES": str(args.res), "RANK": str(args.rank), "NUM_CLASS": str(args.num_class), "BATCH": "1",
            "PRECISION": precision, "PRIOR_PRECISION": "fp32" if precision == "no" else precision,
-           "DEVICE": args.device, "THREADS": str(os.cpu_count()), "INSTANCE_DIR": str(photos[0].parent)}
+           "DEVICE": args.device, "THREADS": str(os.cpu_count()), "INSTANCE_DIR": str(photos[0].parent),
+           "KEEP_CLASS": "1" if args.keep_class else "0"}
     env.pop("OMP_WAIT_POLICY", None)
     rc, wall, rss, output = run_child(["bash", str(runner), str(ref_work)], env, work / "reference.log")
     if rc != 0:
@@ -168,6 +170,8 @@ def main() -> int:
     parser.add_argument("--ours-flag", action="append", default=[], help="extra flag for our train command (repeatable)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak for the MFU")
     parser.add_argument("--work", default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--keep-class", action="store_true",
+                        help="reuse both trainers' class images from the last run in --work (times training alone)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     cuda = args.device == "cuda"
@@ -180,6 +184,10 @@ def main() -> int:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="dbl-speed-"))
     work.mkdir(parents=True, exist_ok=True)
+    if not args.keep_class:
+        import shutil
+
+        shutil.rmtree(work / "prior", ignore_errors=True)  # an empty class-image cache, as the reference starts with
     model_dir = Path(args.model_dir) if args.model_dir else work / "model"
     if not (model_dir / "model_index.json").exists():
         from dreambooth_lora.builtin_configs import save_builtin
