@@ -16,7 +16,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from dreambooth_lora.config import TEXT_ENCODER_MODES, TrainConfig, defaults_for
+from dreambooth_lora.config import TEXT_ENCODER_MODES, TrainConfig, defaults_for, uses_tiny_defaults
 from dreambooth_lora.errors import UserError
 from dreambooth_lora.generate import AdapterSession, GenerateSettings, base_model_for, resolve_adapters
 from dreambooth_lora.images import read_image
@@ -225,7 +225,7 @@ def _train_config(num_images, token, class_noun, name, base_model, preset, steps
     steps = _blank(steps)
     scale = PRESETS[preset]["steps_scale"]
     if steps is None and scale != 1.0:
-        default = defaults_for(base_model.startswith("builtin:"), max(num_images, 1), 0)["steps"]
+        default = defaults_for(uses_tiny_defaults(base_model), max(num_images, 1), 0)["steps"]
         steps = max(1, round(default * scale))
     return TrainConfig(
         token=(token or "").strip(), class_noun=(class_noun or "").strip(), base_model=base_model,

@@ -12,6 +12,14 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 STEPS_PER_IMAGE_REAL = 150  # DreamBooth/LoRA practice: 800-1500 steps for 5 images at 512 px
 CLASS_IMAGES_REAL = 200  # DreamBooth paper's N for prior preservation
+# Built-ins with SD 1.5's layout (dreambooth_lora/builtin_configs.py): stand-ins for real models in speed work,
+# so they take real models' defaults, not the tiny built-ins' tuned ones.
+REAL_SHAPED_BUILTINS = ("builtin:sd15-toy", "builtin:sd15-random")
+
+
+def uses_tiny_defaults(base_model: str) -> bool:
+    """Whether a base model takes the tiny built-ins' defaults (see defaults_for)."""
+    return base_model.startswith("builtin:") and base_model not in REAL_SHAPED_BUILTINS
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,14 @@ class TrainConfig:
     config_dir: str | None = None  # component configs for a single-file checkpoint
     class_prompt: str | None = None
     instance_prompt: str | None = None
+    # --- speed levers (README "Speed" has each one measured on and off); each is read in one place in train.py ---
+    low_memory: bool = False  # gradient checkpointing, 8-bit AdamW (CUDA), text encoder and VAE off the GPU once cached
+    channels_last: bool = False  # NHWC convolutions; pays on tensor-core GPUs, not on this project's CPU
+    compile: bool = False  # torch.compile of the UNet; its compile time must pay back within the run
+    fused_adam: bool = True  # one fused AdamW kernel on CUDA (no effect on CPU)
+    device_noise: bool = True  # noise and timesteps drawn on the training device: no host-to-device copy per step
+    loss_every: int | None = None  # read the loss every k steps (default 10 on CUDA, 1 on CPU): reading waits for the GPU
+    class_batch_size: int | None = None  # class images per pipeline call: 8 on CPU, 32 on CUDA by default
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9_<>-]{1,32}", self.token or ""):
@@ -56,6 +72,8 @@ class TrainConfig:
         _check_range("--checkpoint-every", self.checkpoint_every, 0, 100_000)
         if not 0 <= self.checkpoint_seconds <= 86_400:
             raise UserError(f"--checkpoint-seconds {self.checkpoint_seconds}: must be from 0 to 86400.")
+        _check_range("--loss-every", self.loss_every, 1, 10_000)
+        _check_range("--class-batch-size", self.class_batch_size, 1, 256)
         if self.resolution is not None and self.resolution % 8:
             raise UserError(f"--resolution {self.resolution}: must be a multiple of 8.")
         if self.alpha is not None and not 0 < self.alpha <= 1024:

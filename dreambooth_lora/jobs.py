@@ -393,7 +393,12 @@ def run_job(jobs: Jobs, job_id: str, prior_dir=None, *, observer: Callable | Non
     from .train import TrainingStopped, run_training  # train imports the job record; this keeps imports one-way
 
     stop = stop or threading.Event()
-    runner = jobs.get(job_id).runner
+    job = jobs.get(job_id)
+    if jobs.adapter_name(job):  # its adapter reached the library before a crash (while its samples were drawn)
+        jobs.update(job_id, status=JobStatus.DONE, phase=str(JobStatus.DONE), step=len(job.losses),
+                    message=f"saved adapter {jobs.adapter_name(job)} (before an interruption)")
+        return jobs.get(job_id)
+    runner = job.runner
     writer = _ProgressWriter(jobs, job_id, observer)
     heartbeat = _Heartbeat(jobs, job_id, runner)
     heartbeat.start()
@@ -414,6 +419,7 @@ def run_job(jobs: Jobs, job_id: str, prior_dir=None, *, observer: Callable | Non
         if raise_user_errors and isinstance(error, UserError):
             raise
     else:
+        (jobs.folder(job_id) / "timings.json").write_text(json.dumps(result.timings))  # for bench/speed.py
         jobs.update(job_id, status=JobStatus.DONE, phase=str(JobStatus.DONE), step=len(result.losses),
                     losses=result.losses, adapter_id=result.adapter.id, message=f"saved adapter {result.adapter.name}")
     finally:
@@ -477,6 +483,8 @@ class _ProgressWriter:
         if not urgent and now - self.last_write < WRITE_INTERVAL and progress.step != progress.total:
             return
         fields = dict(phase=progress.phase, step=progress.step, total=progress.total, heartbeat=now)
+        if progress.adapter_id:
+            fields["adapter_id"] = progress.adapter_id
         if progress.phase == "training":
             fields["losses"] = self.losses
         if progress.message:

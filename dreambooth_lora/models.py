@@ -17,6 +17,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .config import REAL_SHAPED_BUILTINS
 from .errors import UserError
 from .tokenizer import build_tokenizer
 
@@ -144,10 +145,16 @@ def load_base_model(name: str, config_dir: str | None = None) -> BaseModel:
     """Load a base model by name (builtin:..., hub id, diffusers folder or .safetensors file), on CPU in fp32."""
     if name == "builtin:tiny-random":
         return build_tiny_random()
+    if name in REAL_SHAPED_BUILTINS:
+        from . import builtin_configs
+
+        unet, vae, text_encoder, tokenizer, scheduler = builtin_configs.build_components(name)
+        return _assemble(name, unet, vae, text_encoder, tokenizer, dict(scheduler.config), builtin_configs.native_resolution(name))
     if name.startswith("builtin:"):
         folder = BUILTIN_DIR / name.removeprefix("builtin:")
         if not (folder / "model_index.json").exists():
-            raise UserError(f"Unknown built-in model {name!r}; built-ins here: {', '.join(builtin_names())}.")
+            known = builtin_names() + list(REAL_SHAPED_BUILTINS)
+            raise UserError(f"Unknown built-in model {name!r}; built-ins here: {', '.join(known)}.")
         resolution = json.loads((folder / "studio.json").read_text())["resolution"]
         return _from_pipeline(name, StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32), resolution)
     path = Path(name)

@@ -74,3 +74,36 @@ def build_tokenizer(words: list[str] | tuple[str, ...] = ()) -> CLIPTokenizer:
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges])
     tokenizer.model_max_length = MODEL_MAX_LENGTH
     return tokenizer
+
+
+CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"  # OpenAI CLIP's merges, shipped as data in open-clip-torch (MIT)
+CLIP_VOCAB_SIZE = 49408  # 256 bytes x 2 + 48894 merges + 2 special tokens: the vocabulary of SD 1.x's tokenizer
+
+
+def clip_bpe_path():
+    """Where open-clip-torch's copy of CLIP's merges lies, found without importing open_clip; None if absent."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("open_clip")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / CLIP_BPE_FILE).exists():
+            return Path(folder) / CLIP_BPE_FILE
+    return None
+
+
+def build_clip_tokenizer() -> CLIPTokenizer | None:
+    """SD 1.x's CLIP tokenizer (same vocabulary and merges) from open-clip-torch's data file; None when absent."""
+    import gzip
+
+    path = clip_bpe_path()
+    if path is None:
+        return None
+    lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : CLIP_VOCAB_SIZE - 256 * 2 - 2 + 1]]  # line 0 is a header
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab_list = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    tokenizer = CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab_list)}, merges=merges)
+    tokenizer.model_max_length = MODEL_MAX_LENGTH
+    return tokenizer

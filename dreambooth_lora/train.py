@@ -13,7 +13,7 @@ import torch
 
 from . import __version__
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, uses_tiny_defaults
 from .errors import UserError
 from .faults import fault_point
 from .images import load_subject_images
@@ -41,7 +41,10 @@ NORM_ALLOWANCE = 6.0
 
 @dataclass(frozen=True)
 class Progress:
-    """One progress report: phase is preparing, class_images, training, saving or done."""
+    """One progress report: phase is preparing, class_images, training, checkpoint, saving or samples.
+
+    The "samples" report carries the id of the adapter just added to the library (it is usable from then on).
+    """
 
     phase: str
     step: int = 0
@@ -49,6 +52,7 @@ class Progress:
     loss: float | None = None
     message: str = ""
     sample: Path | None = None
+    adapter_id: str | None = None
 
 
 class TrainingStopped(Exception):
@@ -65,6 +69,31 @@ class TrainResult:
     job_id: str
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    # for bench/speed.py: class_images (generated), class_images_seconds, step_ends (seconds since the start of
+    # run_training at the end of each step trained in this process), peak_gpu_bytes on CUDA
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """What the step loop needs, made once by prepare_run: components, optimizer, cached latents, RNG, progress."""
+
+    config: TrainConfig
+    model: BaseModel
+    trainables: "Trainables"
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    instance_latents: tuple
+    class_latents: tuple | None
+    device: torch.device
+    weight_dtype: torch.dtype
+    autocast_dtype: torch.dtype | None
+    checkpoint_path: Path
+    step: int = 0
+    losses: list = field(default_factory=list)
+    timings: dict = field(default_factory=lambda: {"step_ends": []})
 
 
 def run_training(
@@ -76,119 +105,187 @@ def run_training(
     sample_every: int = 0,
 ) -> TrainResult:
     """Train the job's adapter from its checkpoint (if any) to the end and add it to the library."""
+    started, perf_started = time.time(), time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     from .jobs import Jobs  # the job record's owner; jobs.run_job calls this function
 
-    started = time.time()
     job = Jobs(library).get(job_id)
-    job_dir, config = job.folder, job.train_config()
+    run = prepare_run(job.train_config(), job.folder, prior_dir, on_progress)
+    train_steps(run, job.folder, on_progress, should_stop, sample_every, perf_started)
+    return finish_run(library, run, job_id, on_progress, started, perf_started)
+
+
+def prepare_run(config: TrainConfig, job_dir: Path, prior_dir: Path | None, on_progress) -> Run:
+    """Load the model, make or reuse class images, encode every image once, attach LoRA, restore a checkpoint."""
     on_progress(Progress("preparing", message=f"loading {config.base_model}"))
     model = load_base_model(config.base_model, config.config_dir)
     image_files = sorted((job_dir / "images").iterdir())
-    config = config.resolved(len(image_files), model.name.startswith("builtin:"), model.native_resolution)
+    config = config.resolved(len(image_files), uses_tiny_defaults(model.name), model.native_resolution)
     instance_images, notes = load_subject_images(image_files, config.resolution)
     for note in notes:
         on_progress(Progress("preparing", message=note))
     device, weight_dtype, autocast_dtype = pick_precision(config)
+    scheduler = model.training_scheduler()
+    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise UserError(f"{config.base_model}: its scheduler predicts {scheduler.config.prediction_type!r}; "
+                        "training supports epsilon and v_prediction models.")
 
-    class_images = ensure_class_images(model, config, device, prior_dir, on_progress)
+    timings: dict = {"step_ends": []}
+    class_started = time.perf_counter()
+    class_images, timings["class_images"] = ensure_class_images(model, config, device, prior_dir, on_progress)
+    timings["class_images_seconds"] = time.perf_counter() - class_started
 
     _move(model.unet, device, weight_dtype)
     model.vae.to(device)  # SD's VAE overflows in fp16; it only runs once, so fp32 is cheap
     instance_latents = encode_images(model, instance_images)
     class_latents = encode_images(model, class_images) if class_images else None
+    if config.device_noise:  # the latent tables live where the noise is drawn
+        instance_latents = tuple(t.to(device) for t in instance_latents)
+        class_latents = tuple(t.to(device) for t in class_latents) if class_latents else None
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # LoRA's initial A matrices: from the run's seed, not from what ran before
         trainables = attach_trainables(model, config, device, weight_dtype, autocast_dtype)
     on_progress(Progress("preparing", message=prompt_check_message(trainables.separation, config)))
-    optimizer = make_optimizer(trainables, config)
-    generator = torch.Generator().manual_seed(config.seed)
-    step, losses = 0, []
-    checkpoint_path = job.checkpoint
-    if checkpoint_path.exists():
-        weights, step, losses = load_checkpoint(checkpoint_path, optimizer, generator)
+    apply_speed_levers(model, trainables, config, device, on_progress)
+    optimizer = make_optimizer(trainables, config, device, on_progress)
+    generator = torch.Generator(device if config.device_noise else "cpu").manual_seed(config.seed)
+    run = Run(config, model, trainables, optimizer, generator, scheduler,
+              torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16),
+              instance_latents, class_latents, device, weight_dtype, autocast_dtype, job_dir / "checkpoint.safetensors",
+              timings=timings)
+    if run.checkpoint_path.exists():
+        weights, run.step, run.losses = load_checkpoint(run.checkpoint_path, optimizer, generator)
         trainables.load_tensors(weights)
-        on_progress(Progress("training", step, config.steps, losses[-1] if losses else None, f"resumed at step {step}"))
+        on_progress(Progress("training", run.step, config.steps, run.losses[-1] if run.losses else None,
+                             f"resumed at step {run.step}"))
+    return run
 
-    scheduler = model.training_scheduler()
-    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
-    batch = config.batch_size
 
-    last_checkpoint, checkpointed_step = time.monotonic(), step
+def apply_speed_levers(model: BaseModel, trainables: "Trainables", config: TrainConfig, device, on_progress) -> None:
+    """The model-side speed and memory levers of the config, all switched here."""
+    if config.low_memory:
+        model.unet.enable_gradient_checkpointing()
+        if not trainables.text_encoder_trains and device.type == "cuda":
+            trainables.prompt_embeddings(1, 1)  # cache the encoder states, then free the encoder's GPU memory
+            model.text_encoder.to("cpu")
+        model.vae.to("cpu")  # its latents are cached; samples move it back
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    if config.channels_last:
+        model.unet.to(memory_format=torch.channels_last)
+    if config.compile:
+        model.unet.compile()
 
-    def checkpoint(at_step: int) -> None:
+
+def training_step(run: Run) -> torch.Tensor:
+    """One DreamBooth step: instance and class examples in the same forward pass; returns the loss, unread."""
+    model, generator, scheduler = run.model, run.generator, run.scheduler
+    latents, n_instance = sample_latents(run.instance_latents, run.class_latents, run.config.batch_size, generator)
+    latents = latents.to(run.device) * model.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(run.device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                              device=generator.device).to(run.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if run.config.channels_last:
+        noisy = noisy.contiguous(memory_format=torch.channels_last)
+    hidden = run.trainables.prompt_embeddings(n_instance, latents.shape[0] - n_instance)
+    with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
+        prediction = model.unet(noisy.to(run.weight_dtype), timesteps, hidden.to(run.weight_dtype)).sample
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    loss, _, _ = prior_preservation_loss(prediction, target, n_instance, run.config.prior_weight)
+    run.scaler.scale(loss).backward()  # the scaler is a pass-through unless the run is fp16
+    run.scaler.unscale_(run.optimizer)
+    fault_point("step")  # mid-step: gradients computed, weights not yet updated
+    torch.nn.utils.clip_grad_norm_(run.trainables.parameters, 1.0)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.trainables.after_step()
+    return loss.detach()
+
+
+def train_steps(run: Run, job_dir: Path, on_progress, should_stop, sample_every: int, perf_started: float) -> None:
+    """Step to config.steps; losses are read every loss_every steps (reading one makes the host wait)."""
+    config, pending = run.config, []
+    every = config.loss_every or (10 if run.device.type == "cuda" else 1)  # on CPU reading it costs nothing
+
+    def read_losses() -> None:
+        if pending:
+            run.losses.extend(round(v, 6) for v in torch.stack(pending).float().tolist())
+            pending.clear()
+
+    last_checkpoint, checkpointed_step = time.monotonic(), run.step
+
+    def checkpoint() -> None:
         nonlocal last_checkpoint, checkpointed_step
-        on_progress(Progress("checkpoint", at_step, config.steps))
-        save_checkpoint(checkpoint_path, trainables.tensors(), optimizer, generator, at_step, losses)
-        last_checkpoint, checkpointed_step = time.monotonic(), at_step
+        read_losses()
+        on_progress(Progress("checkpoint", run.step, config.steps))
+        save_checkpoint(run.checkpoint_path, run.trainables.tensors(), run.optimizer, run.generator, run.step, run.losses)
+        last_checkpoint, checkpointed_step = time.monotonic(), run.step
 
-    def checkpoint_due(at_step: int) -> bool:
+    def checkpoint_due() -> bool:
         """Every checkpoint_every steps or checkpoint_seconds, whichever comes first; never at the last step."""
-        by_steps = config.checkpoint_every and at_step % config.checkpoint_every == 0
+        by_steps = config.checkpoint_every and run.step % config.checkpoint_every == 0
         by_time = config.checkpoint_seconds and time.monotonic() - last_checkpoint >= config.checkpoint_seconds
-        return bool(by_steps or by_time) and at_step < config.steps
+        return bool(by_steps or by_time) and run.step < config.steps
 
-    model.unet.train()
+    run.model.unet.train()
     try:
-        while step < config.steps:
+        while run.step < config.steps:
             if should_stop():
                 raise KeyboardInterrupt
-            # --- one DreamBooth step: instance and class examples in the same forward pass ---
-            latents, n_instance = sample_latents(instance_latents, class_latents, batch, generator)
-            latents = latents.to(device) * model.vae.config.scaling_factor
-            noise = torch.randn(latents.shape, generator=generator).to(device)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            hidden = trainables.prompt_embeddings(n_instance, latents.shape[0] - n_instance)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                prediction = model.unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype)).sample
-            target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-            loss, _, _ = prior_preservation_loss(prediction, target, n_instance, config.prior_weight)
-            if scaler:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            fault_point("step")  # mid-step: gradients computed, weights not yet updated
-            torch.nn.utils.clip_grad_norm_(trainables.parameters, 1.0)
-            scaler.step(optimizer) if scaler else optimizer.step()
-            if scaler:
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            trainables.after_step()
-            step += 1
-            losses.append(round(loss.item(), 6))
-            on_progress(Progress("training", step, config.steps, losses[-1]))
-            if checkpoint_due(step):
-                checkpoint(step)
-            if sample_every and step % sample_every == 0 and step < config.steps:
-                sample = job_dir / "samples" / f"step-{step:05d}.png"
+            pending.append(training_step(run))
+            run.step += 1
+            if len(pending) >= every or run.step == config.steps:
+                read_losses()
+            on_progress(Progress("training", run.step, config.steps, None if pending else run.losses[-1]))
+            run.timings["step_ends"].append(time.perf_counter() - perf_started)
+            if checkpoint_due():
+                checkpoint()
+            if sample_every and run.step % sample_every == 0 and run.step < config.steps:
+                read_losses()
+                sample = job_dir / "samples" / f"step-{run.step:05d}.png"
                 sample.parent.mkdir(exist_ok=True)
-                generate_samples(model, trainables, config, 1)[0].save(sample)
-                on_progress(Progress("training", step, config.steps, losses[-1], sample=sample))
+                generate_samples(run.model, run.trainables, config, 1)[0].save(sample)
+                on_progress(Progress("training", run.step, config.steps, run.losses[-1], sample=sample))
     except KeyboardInterrupt:
-        checkpoint(step)
-        raise TrainingStopped(job_id, step) from None
-    model.unet.eval()
+        checkpoint()
+        raise TrainingStopped(job_dir.name, run.step) from None
+    if checkpointed_step != run.step:
+        checkpoint()  # a crash while saving resumes here, with no step lost
+    run.model.unet.eval()
 
-    if checkpointed_step != step:
-        checkpoint(step)  # a crash while saving resumes here, with no step lost
-    on_progress(Progress("saving", step, config.steps, losses[-1] if losses else None))
-    entry = save_adapter(library, model, trainables, config, job_id, losses)
-    checkpoint_path.unlink(missing_ok=True)  # the adapter is saved; the checkpoint has no further use
-    return TrainResult(entry, job_id, losses, time.time() - started)
+
+def finish_run(library: Library, run: Run, job_id: str, on_progress, started: float, perf_started: float) -> TrainResult:
+    """Put the adapter in the library, then make its sample images (off the path to a usable adapter)."""
+    on_progress(Progress("saving", run.step, run.config.steps, run.losses[-1] if run.losses else None))
+    entry = save_adapter(library, run.model, run.trainables, run.config, job_id, run.losses)
+    run.timings["adapter_saved"] = time.perf_counter() - perf_started
+    # Recorded on the job before the checkpoint goes: a crash from here on leaves a job that reads its adapter.
+    on_progress(Progress("samples", run.step, run.config.steps, message=f"saved adapter {entry.name}", adapter_id=entry.id))
+    run.checkpoint_path.unlink(missing_ok=True)  # the adapter is saved; the checkpoint has no further use
+    write_samples(library, entry, run.model, run.trainables, run.config)
+    if run.device.type == "cuda":
+        run.timings["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return TrainResult(entry, job_id, run.losses, time.time() - started, run.timings)
 
 
 def ensure_class_images(model: BaseModel, config: TrainConfig, device, prior_dir: Path | None,
                         on_progress: Callable[[Progress], None] = lambda progress: None) -> list:
-    """The run's class-prior images from the cache, generating the missing ones; none when priors are off."""
+    """The run's class-prior images from the cache, generating the missing ones (also how many); none when priors are off."""
     if config.prior_weight <= 0 or config.num_class_images <= 0:
-        return []
+        return [], 0
     settings = PriorSettings(prompt=config.class_prompt, resolution=config.resolution)
     report = lambda done, total: on_progress(Progress("class_images", done, total))
-    model.unet.to(device), model.vae.to(device), model.text_encoder.to(device)
-    paths, _ = ensure_prior_images(model, settings, config.num_class_images, prior_root(prior_dir), on_progress=report)
-    return load_prior_images(paths)
+    _, weight_dtype, autocast_dtype = pick_precision(config)
+    _move(model.unet, device, weight_dtype), _move(model.text_encoder, device, weight_dtype), model.vae.to(device)
+    batch = config.class_batch_size or (32 if device.type == "cuda" else 8)
+    # autocast lets the bf16/fp16 UNet hand its latents to the fp32 VAE (fp16 overflows in SD's VAE)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        paths, generated = ensure_prior_images(model, settings, config.num_class_images, prior_root(prior_dir),
+                                               batch_size=batch, on_progress=report)
+    return load_prior_images(paths), generated
 
 
 def prompt_check_message(similarity: float, config: TrainConfig) -> str:
@@ -247,8 +344,9 @@ def sample_latents(instance, prior, batch: int, generator: torch.Generator) -> t
     parts = [instance] + ([prior] if prior is not None else [])
     drawn = []
     for mean, std in parts:
-        index = torch.randint(0, mean.shape[0], (batch,), generator=generator)
-        drawn.append(mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator))
+        index = torch.randint(0, mean.shape[0], (batch,), generator=generator, device=generator.device).to(mean.device)
+        noise = torch.randn(mean[index].shape, generator=generator, device=generator.device).to(mean.device)
+        drawn.append(mean[index] + std[index] * noise)
     return torch.cat(drawn), batch
 
 
@@ -346,7 +444,8 @@ def quantize_text_encoder(text_encoder, compute_dtype: torch.dtype, device):
     # bitsandbytes (0.50) repacks a Linear4bit's weights for an AVX-512 BF16 inference kernel on its first
     # eval-mode, no-grad forward on such CPUs. That path is inference-only (no autograd through it: training
     # afterwards fails in `result += bias`) and breaks on layers narrower than the 64-value quantisation block
-    # (tiny models). The portable dequantise-and-matmul path works on every CPU and on both, so use it always.
+    # (tiny models). The portable dequantise-and-matmul path works on every CPU, so use it always
+    # (docs/DESIGN.md, "QLoRA adapters").
     from bitsandbytes.nn import Linear4bit
 
     for module in quantized.modules():
@@ -355,8 +454,10 @@ def quantize_text_encoder(text_encoder, compute_dtype: torch.dtype, device):
     return quantized
 
 
-def make_optimizer(trainables: Trainables, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; with LoRA+ the B matrices get `ratio` times the A learning rate (Hayou et al. 2024)."""
+def make_optimizer(trainables: Trainables, config: TrainConfig, device=torch.device("cpu"),
+                   on_progress: Callable[[Progress], None] = lambda progress: None) -> torch.optim.Optimizer:
+    """AdamW (8-bit with --low-memory on CUDA, fused on CUDA); with LoRA+ the B matrices get `ratio` times the A
+    learning rate (Hayou et al. 2024)."""
     named = [(n, p) for n, p in trainables.model.unet.named_parameters() if "lora_" in n and p.requires_grad]
     named += [(n, p) for n, p in trainables.model.text_encoder.named_parameters() if "lora_" in n and p.requires_grad]
     ratio = config.loraplus_ratio or 1.0
@@ -366,11 +467,30 @@ def make_optimizer(trainables: Trainables, config: TrainConfig) -> torch.optim.A
     ]
     if trainables.token_embedding is not None:
         groups.append({"params": [trainables.token_embedding.vectors], "lr": config.token_lr, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=1e-2)
+    if config.low_memory and device.type == "cuda":
+        try:
+            import bitsandbytes
+
+            return bitsandbytes.optim.AdamW8bit(groups, lr=config.lr, weight_decay=1e-2)
+        except ImportError:
+            on_progress(Progress("preparing", message="--low-memory: bitsandbytes is not installed, so AdamW keeps "
+                                                      "32-bit state (LoRA's optimizer state is small either way)."))
+    fused = config.fused_adam and device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=1e-2, fused=fused or None)
+
+
+def write_samples(library: Library, entry: AdapterEntry, model: BaseModel, trainables: Trainables, config: TrainConfig) -> None:
+    """The adapter's sample images, written into its library folder once the adapter is there."""
+    folder = library.root / "adapters" / entry.id / "samples"
+    folder.mkdir(exist_ok=True)
+    for index, image in enumerate(generate_samples(model, trainables, config, SAMPLE_COUNT)):
+        with atomic_path(folder / f"{index}.png") as tmp:
+            image.save(tmp, format="PNG")
 
 
 @torch.no_grad()
 def generate_samples(model: BaseModel, trainables: Trainables, config: TrainConfig, count: int):
+    model.vae.to(trainables.device), model.text_encoder.to(trainables.device)  # back, if --low-memory moved them
     pipe = model.pipeline()
     generators = [torch.Generator().manual_seed(config.seed + i) for i in range(count)]
     with torch.autocast(trainables.device.type, dtype=trainables.autocast_dtype, enabled=trainables.autocast_dtype is not None):
@@ -382,7 +502,7 @@ def generate_samples(model: BaseModel, trainables: Trainables, config: TrainConf
 
 def save_adapter(library: Library, model: BaseModel, trainables: Trainables, config: TrainConfig,
                  job_id: str, losses: list[float]) -> AdapterEntry:
-    """Write adapter file, meta and samples into a staging folder, then move it into the library."""
+    """Write adapter file and meta into a staging folder, then move it into the library."""
     meta = {
         "id": library.new_adapter_id(), "name": config.name, "token": config.token, "class_noun": config.class_noun,
         "instance_prompt": config.instance_prompt, "class_prompt": config.class_prompt,
@@ -398,9 +518,6 @@ def save_adapter(library: Library, model: BaseModel, trainables: Trainables, con
         with atomic_path(staging / "adapter.safetensors") as tmp:
             write_adapter_file(tmp, trainables.tensors(), meta, config.rank, config.lora_alpha)
         fault_point("saving")  # the adapter file is in its staging folder, not yet in the library
-        (staging / "samples").mkdir()
-        for index, image in enumerate(generate_samples(model, trainables, config, SAMPLE_COUNT)):
-            image.save(staging / "samples" / f"{index}.png")
         return library.add_adapter(staging, meta)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from .config import TrainConfig
+from .config import TrainConfig, uses_tiny_defaults
 from .images import expand_image_paths
 from .jobs import Job, Jobs, JobStatus, Runner, run_job
 from .library import Library
@@ -74,7 +74,7 @@ def _sample_every(job: Job, samples_per_job: int) -> int:
         return 0
     config = TrainConfig(**job.config)
     num_images = len(expand_image_paths([job.folder / "images"]))
-    steps = config.resolved(num_images, config.base_model.startswith("builtin:"), 64).steps
+    steps = config.resolved(num_images, uses_tiny_defaults(config.base_model), 64).steps
     return steps // samples_per_job
 
 

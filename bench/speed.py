@@ -1,0 +1,253 @@
+"""Speed and memory, side by side with diffusers' own DreamBooth-LoRA trainer, in one run on one model folder.
+
+    python bench/speed.py --device cpu               # builtin:sd15-toy at 64 px (the CPU target)
+    python bench/speed.py --device cuda --rank 4     # builtin:sd15-random at 512 px, bf16
+
+Both trainers run as child processes with the machine's default threads and OpenMP policy, on the same saved
+folder, with the same settings (steps, rank, batch 1 + 1, lr 1e-4, 4 class images, resolution, seed 0, identifier
+embedding off) and an empty class-image cache each. Steady-state steps/s skips a warm-up of max(1, steps // 10)
+steps in both. `--json` prints one JSON object instead of the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+# H100 / H200 SXM dense bf16 peak (NVIDIA's data sheets); the MFU divides by it.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def default_reference() -> Path | None:
+    """The peer beside the repo (../shared/peer), or inside it on the device machine (./shared/peer)."""
+    # .whl/peer: where scripts/device_speed.sh expects a copy carried to the GPU machine
+    for candidate in (REPO.parent / "shared" / "peer", REPO / "shared" / "peer", REPO / ".whl" / "peer"):
+        if (candidate / "run_reference.sh").exists():
+            return candidate / "train_dreambooth_lora.py"
+    return None
+
+
+def make_instance_photos(folder: Path, res: int) -> list[Path]:
+    """Three coloured photos of different sizes (the reference runner's own kind), given to both trainers."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    looks = [((200, 40, 40), (250, 220, 60), (1.5, 1.5)), ((40, 160, 60), (20, 20, 120), (1.25, 1.1)),
+             ((40, 70, 200), (240, 240, 240), (1.0, 1.4))]
+    paths = []
+    for i, (background, foreground, (sw, sh)) in enumerate(looks):
+        size = (int(res * sw), int(res * sh))
+        image = Image.new("RGB", size, background)
+        draw = ImageDraw.Draw(image)
+        draw.ellipse([size[0] // 5, size[1] // 4, size[0] * 4 // 5, size[1] * 3 // 4], fill=foreground)
+        draw.rectangle([4 + 6 * i, 4, 18 + 6 * i, 18], fill=(0, 0, 0))
+        paths.append(folder / f"dog{i}.png")
+        image.save(paths[-1])
+    return paths
+
+
+def run_child(cmd: list[str], env: dict, log: Path) -> tuple[int, float, int, str]:
+    """Run a child to exit: exit code, wall seconds, peak RSS in bytes (it and its descendants), its output."""
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        child = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return child.returncode, time.perf_counter() - started, usage.ru_maxrss * 1024, log.read_text(errors="replace")
+
+
+def steady_rate(ends: list[tuple[int, float]], steps: int) -> float:
+    """Steps per second after the warm-up: from the first (step, time) at or past it to the last step."""
+    warm = max(1, steps // 10)
+    start = next((n, t) for n, t in ends if n >= warm)
+    last = max(ends)
+    return (last[0] - start[0]) / (last[1] - start[1]) if last[1] > start[1] else float("nan")
+
+
+def run_ours(args, model_dir: Path, photos: list[Path], work: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
+    env.pop("OMP_WAIT_POLICY", None)  # the default policy: what a user's training process gets
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, "-m", "dreambooth_lora.cli", "train", "--images", *map(str, photos), "--token", "sks",
+           "--class-noun", "dog", "--base-model", str(model_dir), "--steps", str(args.steps), "--rank", str(args.rank),
+           "--batch-size", "1", "--lr", "1e-4", "--num-class-images", str(args.num_class), "--resolution", str(args.res),
+           "--no-train-token-embedding", "--seed", "0", "--device", args.device, "--mixed-precision", args.precision,
+           "--data-root", str(work / "data"), "--prior-dir", str(work / "prior"), "--quiet", "--timings", *args.ours_flag]
+    rc, wall, rss, output = run_child(cmd, env, work / "ours.log")
+    if rc != 0:
+        raise SystemExit(f"our trainer failed (rc={rc}):\n{output[-3000:]}")
+    result = json.loads(output.strip().splitlines()[-1])
+    t = result["timings"]
+    ends = list(enumerate(t["step_ends"], start=1))
+    return {
+        "steps_per_s": steady_rate(ends, args.steps),
+        "class_images_per_s": t["class_images"] / t["class_images_seconds"] if t["class_images"] else None,
+        "wall_s": wall, "peak_rss_gib": rss / 2**30,
+        "peak_gpu_gib": t["peak_gpu_bytes"] / 2**30 if "peak_gpu_bytes" in t else None,
+        "final_loss": result["final_loss"],
+    }
+
+
+def run_reference(args, model_dir: Path, photos: list[Path], work: Path) -> dict:
+    script = Path(args.reference)
+    runner = script.parent / "run_reference.sh"
+    # A persistent work dir: run_reference.sh keeps its private torchvision there between runs.
+    ref_work = Path(os.environ.get("DBL_BENCH_REF_WORK", Path(tempfile.gettempdir()) / "dbl-bench-reference"))
+    precision = {"no": "no", "bf16": "bf16", "fp16": "fp16"}[args.precision]
+    env = {**os.environ, "MODEL_DIR": str(model_dir), "PY": sys.executable, "STEPS": str(args.steps),
+           "RES": str(args.res), "RANK": str(args.rank), "NUM_CLASS": str(args.num_class), "BATCH": "1",
+           "PRECISION": precision, "PRIOR_PRECISION": "fp32" if precision == "no" else precision,
+           "DEVICE": args.device, "THREADS": str(os.cpu_count()), "INSTANCE_DIR": str(photos[0].parent),
+           "KEEP_CLASS": "1" if args.keep_class else "0"}
+    env.pop("OMP_WAIT_POLICY", None)
+    rc, wall, rss, output = run_child(["bash", str(runner), str(ref_work)], env, work / "reference.log")
+    if rc != 0:
+        raise SystemExit(f"reference failed (rc={rc}):\n{output[-3000:]}")
+    # Re-read its timestamped log, so both trainers' figures come from one definition.
+    frames, class_frames = [], []
+    for line in (ref_work / "train.log").read_text(encoding="utf-8").splitlines():
+        stamp, _, text = line.partition(" ")
+        if match := re.search(r"Steps:\s+\d+%\|.*?\|\s*(\d+)/(\d+)", text):
+            frames.append((int(match.group(1)), float(stamp)))
+        if "Generating class images:" in text:
+            class_frames.append((float(stamp), "100%" in text))
+    ends = sorted({n: t for n, t in reversed(frames) if n > 0}.items())  # the first frame that shows each count
+    class_seconds = next(t for t, done in class_frames if done) - class_frames[0][0] if class_frames else None
+    gpu = re.search(r"peak GPU memory: ([0-9.]+) GiB", output)
+    loss = re.search(r"final loss ([0-9.e+-]+)", output)
+    return {
+        "steps_per_s": steady_rate(ends, args.steps),
+        "class_images_per_s": args.num_class / class_seconds if class_seconds else None,
+        "wall_s": wall, "peak_rss_gib": rss / 2**30, "peak_gpu_gib": float(gpu.group(1)) if gpu else None,
+        "final_loss": float(loss.group(1)) if loss else None,
+    }
+
+
+def step_flops(model_dir: Path, rank: int, res: int, batch: int = 2) -> float:
+    """FLOPs of one training step (UNet with LoRA, forward + backward, instance + class rows), counted by
+    torch.utils.flop_counter on the meta device: no memory and no weights needed."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dreambooth_lora.lora import attach_unet_lora
+
+    config = UNet2DConditionModel.load_config(model_dir / "unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+        unet.requires_grad_(False)
+        attach_unet_lora(unet, rank, float(rank))
+        latents = torch.randn(batch, 4, res // 8, res // 8)
+        hidden = torch.randn(batch, 77, config["cross_attention_dim"])
+        timesteps = torch.zeros(batch, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            unet(latents, timesteps, hidden).sample.float().pow(2).mean().backward()
+    return float(counter.get_total_flops())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", default=None, help="built-in to save and use (default: sd15-toy on cpu, sd15-random on cuda)")
+    parser.add_argument("--model-dir", default=None, help="use this diffusers folder instead of saving the built-in")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--res", type=int, default=None, help="default 64 on cpu, 512 on cuda")
+    parser.add_argument("--num-class", type=int, default=4)
+    parser.add_argument("--precision", default=None, help="no on cpu (default), bf16 on cuda (default) or fp16")
+    parser.add_argument("--reference", default=None, help="diffusers' train_dreambooth_lora.py beside run_reference.sh")
+    parser.add_argument("--skip-reference", action="store_true", help="time our trainer alone")
+    parser.add_argument("--ours-flag", action="append", default=[], help="extra flag for our train command (repeatable)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak for the MFU")
+    parser.add_argument("--work", default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--keep-class", action="store_true",
+                        help="reuse both trainers' class images from the last run in --work (times training alone)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    cuda = args.device == "cuda"
+    args.model = args.model or ("builtin:sd15-random" if cuda else "builtin:sd15-toy")
+    args.res = args.res or (512 if cuda else 64)
+    args.precision = args.precision or ("bf16" if cuda else "no")
+    args.reference = args.reference or default_reference()
+    if not args.skip_reference and not args.reference:
+        raise SystemExit("no reference trainer found (../shared/peer or ./shared/peer); pass --reference or --skip-reference")
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="dbl-speed-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if not args.keep_class:
+        import shutil
+
+        shutil.rmtree(work / "prior", ignore_errors=True)  # an empty class-image cache, as the reference starts with
+    model_dir = Path(args.model_dir) if args.model_dir else work / "model"
+    if not (model_dir / "model_index.json").exists():
+        from dreambooth_lora.builtin_configs import save_builtin
+
+        save_builtin(args.model, model_dir, device="cuda" if cuda else "cpu")
+    photos = make_instance_photos(work / "instance", args.res)
+
+    report = {"device": args.device, "machine": machine(cuda), "model": args.model, "steps": args.steps,
+              "rank": args.rank, "res": args.res, "precision": args.precision, "threads": os.cpu_count(),
+              "ours_flags": args.ours_flag, "ours": run_ours(args, model_dir, photos, work)}
+    if not args.skip_reference:
+        report["reference"] = run_reference(args, model_dir, photos, work)
+        ours, ref = report["ours"], report["reference"]
+        report["ratios"] = {
+            "steps_per_s": ours["steps_per_s"] / ref["steps_per_s"],
+            "wall_speedup": ref["wall_s"] / ours["wall_s"],
+            "class_images_per_s": (ours["class_images_per_s"] / ref["class_images_per_s"]
+                                   if ours["class_images_per_s"] and ref["class_images_per_s"] else None),
+            "peak_memory": (ours["peak_gpu_gib"] / ref["peak_gpu_gib"] if cuda and ref["peak_gpu_gib"]
+                            else ours["peak_rss_gib"] / ref["peak_rss_gib"]),
+        }
+    if cuda:
+        flops = step_flops(model_dir, args.rank, args.res)
+        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in report["machine"]), None)
+        report["step_tflop"] = flops / 1e12
+        report["peak_tflops"] = peak
+        for who in ("ours", "reference"):
+            if who in report and peak:
+                report[who]["mfu"] = flops * report[who]["steps_per_s"] / (peak * 1e12)
+    print(json.dumps(report, indent=1) if args.json else table(report))
+    return 0
+
+
+def machine(cuda: bool) -> str:
+    import platform
+
+    if cuda:
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def table(report: dict) -> str:
+    rows = [f"{report['model']} {report['res']} px, rank {report['rank']}, {report['steps']} steps, "
+            f"{report['precision']}, on {report['machine']}"]
+    keys = ["steps_per_s", "class_images_per_s", "wall_s", "peak_rss_gib", "peak_gpu_gib", "mfu"]
+    rows.append(f"{'':22}{'ours':>12}{'reference':>12}{'ratio':>10}")
+    for key in keys:
+        ours, ref = report["ours"].get(key), report.get("reference", {}).get(key)
+        if ours is None and ref is None:
+            continue
+        ratio = report.get("ratios", {}).get({"wall_s": "wall_speedup", "peak_rss_gib": "peak_memory",
+                                              "peak_gpu_gib": "peak_memory"}.get(key, key))
+        fmt = lambda v: "-" if v is None else f"{v:.3g}"
+        rows.append(f"{key:22}{fmt(ours):>12}{fmt(ref):>12}{fmt(ratio) if ratio else '':>10}")
+    if "step_tflop" in report:
+        rows.append(f"one step: {report['step_tflop']:.2f} TFLOP; MFU against {report['peak_tflops']} TFLOP/s dense bf16")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
