@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from . import __version__
+from .adapter_file import AdapterFile, check_new_name, free_name, store_adapter
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .errors import UserError
@@ -24,11 +25,10 @@ from .lora import (
     attach_unet_lora,
     collect_adapter_tensors,
     lora_parameters,
-    write_adapter_file,
 )
 from .losses import prior_preservation_loss
 from .models import BaseModel, load_base_model
-from .paths import atomic_path, prior_root, validate_name
+from .paths import prior_root
 from .prior import PriorSettings, ensure_prior_images, load_prior_images
 
 SAMPLE_COUNT = 4
@@ -70,10 +70,7 @@ def create_job(library: Library, config: TrainConfig, image_paths: list, status:
     """Check the images and name, copy the photos into jobs/<id>/images and record the job."""
     files = expand_image_paths(image_paths)
     load_subject_images(files, 8)  # validates every file now, before anything slow happens
-    name = config.name or default_adapter_name(library, config)
-    validate_name(name, "adapter name")
-    if library.name_taken(name):
-        raise UserError(f"An adapter named {name!r} already exists; choose another --name.")
+    name = check_new_name(library, config.name or default_adapter_name(library, config))
     params = {"config": {**config.to_dict(), "name": name}}
     job_id = library.create_job(params, status=status)
     images_dir = library.job_folder(job_id) / "images"
@@ -84,11 +81,7 @@ def create_job(library: Library, config: TrainConfig, image_paths: list, status:
 
 
 def default_adapter_name(library: Library, config: TrainConfig) -> str:
-    base = f"{config.token}-{config.class_noun.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M')}"
-    name, suffix = base, 2
-    while library.name_taken(name):
-        name, suffix = f"{base}-{suffix}", suffix + 1
-    return name
+    return free_name(library, f"{config.token}-{config.class_noun.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M')}")
 
 
 def run_training(
@@ -390,26 +383,18 @@ def generate_samples(model: BaseModel, trainables: Trainables, config: TrainConf
 
 def save_adapter(library: Library, model: BaseModel, trainables: Trainables, config: TrainConfig,
                  job_id: str, losses: list[float]) -> AdapterEntry:
-    """Write adapter file, meta and samples into a staging folder, then move it into the library."""
+    """Render the samples, then store the adapter file, meta and samples in the library (all or nothing).
+
+    `store_adapter` adds the id, the time, and the rank and alpha of the saved layers to the metadata."""
     meta = {
-        "id": library.new_adapter_id(), "name": config.name, "token": config.token, "class_noun": config.class_noun,
+        "name": config.name, "token": config.token, "class_noun": config.class_noun,
         "instance_prompt": config.instance_prompt, "class_prompt": config.class_prompt,
-        "base_model": model.name, "fingerprint": model.fingerprint, "rank": config.rank, "alpha": config.lora_alpha,
+        "base_model": model.name, "fingerprint": model.fingerprint,
         "steps": config.steps, "prior_weight": config.prior_weight, "num_class_images": config.num_class_images,
         "text_encoder": config.text_encoder, "train_token_embedding": bool(config.train_token_embedding),
         "resolution": config.resolution, "lr": config.lr, "loraplus_ratio": config.loraplus_ratio,
-        "seed": config.seed, "created": time.time(), "job": job_id, "final_loss": losses[-1] if losses else None,
+        "seed": config.seed, "job": job_id, "final_loss": losses[-1] if losses else None,
         "prompt_similarity": round(trainables.separation, 4), "studio_version": __version__,
     }
-    staging = library.staging_folder()
-    try:
-        with atomic_path(staging / "adapter.safetensors") as tmp:
-            write_adapter_file(tmp, trainables.tensors(), meta, config.rank, config.lora_alpha)
-        (staging / "samples").mkdir()
-        for index, image in enumerate(generate_samples(model, trainables, config, SAMPLE_COUNT)):
-            image.save(staging / "samples" / f"{index}.png")
-        return library.add_adapter(staging, meta)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
+    samples = generate_samples(model, trainables, config, SAMPLE_COUNT)
+    return store_adapter(library, AdapterFile.from_tensors(trainables.tensors(), meta, config.lora_alpha), samples)

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from dreambooth_lora.adapter_file import AdapterFile, write_adapter
 from dreambooth_lora.cli import main
 from dreambooth_lora.library import Library
-from dreambooth_lora.lora import attach_unet_lora, collect_adapter_tensors, write_adapter_file
+from dreambooth_lora.lora import attach_unet_lora, collect_adapter_tensors
 from dreambooth_lora.models import build_tiny_random
 
 
@@ -43,7 +44,7 @@ def add_untrained_adapter(library: Library, name: str, fingerprint: str | None =
     meta = {"id": library.new_adapter_id(), "name": name, "token": "sks", "class_noun": "dog",
             "base_model": model.name, "fingerprint": fingerprint or model.fingerprint, "rank": 4, "alpha": 4.0}
     staging = library.staging_folder()
-    write_adapter_file(staging / "adapter.safetensors", collect_adapter_tensors(model.unet), meta, 4, 4.0)
+    write_adapter(staging / "adapter.safetensors", AdapterFile.from_tensors(collect_adapter_tensors(model.unet), meta, 4.0))
     return library.add_adapter(staging, meta)
 
 

@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dreambooth_lora.cli import main
-from dreambooth_lora.formats import export_adapter, import_adapter, kohya_name, read_adapter, sidecar_path
+from dreambooth_lora.adapter_file import read_adapter
+from dreambooth_lora.formats import export_adapter, import_adapter, kohya_name, sidecar_path
 from dreambooth_lora.generate import AdapterSession, GenerateSettings
 from dreambooth_lora.library import Library
 from dreambooth_lora.models import load_base_model
