@@ -333,12 +333,16 @@ def library_tab(library: Library, timer: gr.Timer):
             with gr.Accordion("Import a LoRA file", open=False):
                 import_file = gr.File(label="LoRA .safetensors", file_types=[".safetensors"], type="filepath",
                                       elem_id="import-file")
+                import_embedding = gr.File(label="Its identifier embedding (optional: the .embedding.safetensors a kohya "
+                                           "export writes beside the LoRA)", file_types=[".safetensors"], type="filepath",
+                                           elem_id="import-embedding")
                 with gr.Row():
                     import_name = gr.Textbox(label="Name", placeholder="(from the file name)", elem_id="import-name")
                     import_token = gr.Textbox(label="Token")
                     import_class = gr.Textbox(label="Class noun")
-                import_base = gr.Dropdown(builtin_names(), value=default_base_model(), allow_custom_value=True,
-                                          label="Base model it was trained for", elem_id="import-base")
+                import_base = gr.Dropdown(builtin_names(), value=None, allow_custom_value=True,
+                                          label="Base model it was trained for (empty: the one the file names)",
+                                          elem_id="import-base")
                 import_button = gr.Button("Import", elem_id="import-button")
             action_message = gr.Markdown(elem_id="library-message")
     seen = gr.State(None)
@@ -404,26 +408,29 @@ def library_tab(library: Library, timer: gr.Timer):
         except ImportError:
             raise UserError("Export is not available yet (dreambooth_lora.formats is missing).") from None
         entry = library.get(_need(name))
-        out = export_adapter(entry, fmt, Path(tempfile.mkdtemp(prefix="dbl-export-")) / f"{entry.name}.{fmt}.safetensors")
+        out, notes = export_adapter(entry, fmt, Path(tempfile.mkdtemp(prefix="dbl-export-")) / f"{entry.name}.{fmt}.safetensors")
+        for note in notes:
+            gr.Info(note)
         # A kohya export keeps a learned identifier embedding in a sidecar file next to the LoRA.
         return [str(path) for path in (out, sidecar_path(out)) if path.exists()]
 
     export.click(do_export, [chosen, export_format], export_file)
 
     @user_errors
-    def do_import(file, name, token, class_noun, base_model):
+    def do_import(file, embedding, name, token, class_noun, base_model):
         if not file:
             raise UserError("Choose a LoRA .safetensors file to import.")
         try:
             from dreambooth_lora.formats import import_adapter
         except ImportError:
             raise UserError("Import is not available yet (dreambooth_lora.formats is missing).") from None
-        entry = import_adapter(library, Path(file), name=(name or "").strip() or None,
-                               base_model=(base_model or "").strip() or default_base_model(),
-                               token=(token or "").strip(), class_noun=(class_noun or "").strip())
-        return f"Imported **{entry.name}**.", None
+        entry, notes = import_adapter(library, Path(file), name=(name or "").strip() or None,
+                                      base_model=(base_model or "").strip() or None,
+                                      token=(token or "").strip(), class_noun=(class_noun or "").strip(),
+                                      sidecar=Path(embedding) if embedding else None)
+        return "\n\n".join([f"Imported **{entry.name}** for {entry.base_model}.", *notes]), None
 
-    import_button.click(do_import, [import_file, import_name, import_token, import_class, import_base], [action_message, seen])
+    import_button.click(do_import, [import_file, import_embedding, import_name, import_token, import_class, import_base], [action_message, seen])
 
     return seen
 

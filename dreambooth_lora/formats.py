@@ -45,8 +45,8 @@ PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 
 # ----- export -----
 
-def export_adapter(entry: AdapterEntry, fmt: str, out: str | None) -> Path:
-    """Write a library adapter as a diffusers or kohya/A1111/ComfyUI file; returns the file written."""
+def export_adapter(entry: AdapterEntry, fmt: str, out: str | None) -> tuple[Path, list[str]]:
+    """Write a library adapter as a diffusers or kohya/A1111/ComfyUI file; returns the file and notes for the person."""
     if fmt not in ("diffusers", "kohya"):
         raise UserError(f"--format {fmt!r}: use diffusers or kohya.")
     path = Path(out) if out else Path(f"{entry.name}.{fmt}.safetensors")
@@ -55,18 +55,27 @@ def export_adapter(entry: AdapterEntry, fmt: str, out: str | None) -> Path:
     weights = read_adapter(entry.file)
     weights.meta = {**entry.meta, **weights.meta, "name": entry.name}
     path.parent.mkdir(parents=True, exist_ok=True)
+    notes = []
+    if entry.meta.get("identifier_embedding_missing"):
+        notes.append(f"Adapter {entry.name!r} was imported without its identifier embedding, so this export lacks it too "
+                     "and will not draw the subject.")
     if fmt == "diffusers":
         write_adapter(path, weights)  # diffusers ignores the lora_token_embedding.* rows; our import reads them
-        return path
+        return path, notes
     tensors, header = kohya_state_dict(weights)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
+    sidecar = sidecar_path(path)
     if weights.embeddings:
         pieces = list(weights.embeddings)
-        with atomic_path(sidecar_path(path)) as tmp:
+        with atomic_path(sidecar) as tmp:
             save_file({"emb_params": torch.stack([weights.embeddings[p] for p in pieces]).float().contiguous()}, str(tmp),
                       metadata={"tokens": json.dumps(pieces), "token": weights.meta.get("token", "")})
-    return path
+        notes.append(f"The identifier embedding ('{weights.meta.get('token', '')}') is in {sidecar}: keep it beside "
+                     f"{path.name}, which needs it to draw the subject; `library import` reads it from there.")
+    else:
+        sidecar.unlink(missing_ok=True)  # a stale sidecar from an earlier export would be imported with this file
+    return path, notes
 
 
 def sidecar_path(lora_file: Path) -> Path:
@@ -100,6 +109,7 @@ def kohya_state_dict(weights: AdapterFile) -> tuple[dict[str, torch.Tensor], dic
         "ss_network_alpha": f"{alpha:g}",
         "ss_base_model_version": "sd_v1",
         "ss_output_name": str(meta.get("name", "")),
+        "ss_sd_model_name": str(meta.get("base_model", "")),  # kohya's base-model field; import reads it
         "ss_training_comment": f"DreamBooth-LoRA Studio: '{meta.get('token', '')}' {meta.get('class_noun', '')} "
                                f"on {meta.get('base_model', '')}".strip(),
         "ss_steps": steps,
@@ -111,8 +121,14 @@ def kohya_state_dict(weights: AdapterFile) -> tuple[dict[str, torch.Tensor], dic
 
 # ----- import -----
 
-def import_adapter(library: Library, file: Path, name: str | None, base_model: str, token: str, class_noun: str) -> AdapterEntry:
-    """Add a diffusers, kohya or PEFT LoRA .safetensors file to the library, checked against the base model's layers."""
+def import_adapter(library: Library, file: Path, name: str | None, base_model: str | None, token: str, class_noun: str,
+                   sidecar: Path | None = None) -> tuple[AdapterEntry, list[str]]:
+    """Add a diffusers, kohya or PEFT LoRA .safetensors file to the library, checked against the base model's layers.
+
+    Without `base_model`, the model the file's metadata names is used (ours, else kohya's `ss_sd_model_name`), else
+    the default model. A kohya file's identifier embedding comes from `sidecar`, else `<file>.embedding.safetensors`.
+    Returns the entry and notes for the person (e.g. an embedding the adapter needs but the import did not find).
+    """
     from .models import load_base_model
 
     file = Path(file)
@@ -124,12 +140,21 @@ def import_adapter(library: Library, file: Path, name: str | None, base_model: s
         raise UserError(f"{file}: no such file.")
     name = check_new_name(library, name or file.name.removesuffix(".safetensors"))
     tensors, header = read_safetensors(file)
-    model = load_base_model(base_model)
+    ours = studio_meta(file, header)
+    model = load_base_model(base_model or base_model_for_file(file, header))
     modules = model_linear_shapes(model)
     fmt, layers, embeddings = parse_lora_file(file, tensors, header, modules)
-    embeddings.update(_sidecar_embeddings(file))
+    embeddings.update(_sidecar_embeddings(file, sidecar))
     _check_embeddings(file, embeddings, model)
-    ours = json.loads(header.get(STUDIO_META_KEY, "{}"))
+    notes = []
+    missing = bool(ours.get("train_token_embedding")) and not embeddings
+    if missing:
+        notes.append(f"{file.name} was trained with an identifier embedding for '{ours.get('token', '')}', but it is not in "
+                     f"the file and no {sidecar_path(file).name} was found beside it: without it the adapter will not "
+                     "draw the subject, so import the file again with its sidecar.")
+    if ours.get("fingerprint") and ours["fingerprint"] != model.fingerprint:
+        notes.append(f"{file.name} was trained on {ours.get('base_model')!r}, whose weights differ from {model.name!r}'s; "
+                     "its layers fit, but the results may differ from the original's.")
     token = token or ours.get("token") or "".join(p.removesuffix("</w>") for p in embeddings)
     meta = {
         "name": name, "token": token, "class_noun": class_noun or ours.get("class_noun", ""),
@@ -141,7 +166,31 @@ def import_adapter(library: Library, file: Path, name: str | None, base_model: s
         "imported_from": str(file), "imported_format": fmt,
         "imported_meta": ours or {k: v for k, v in header.items() if k.startswith("ss_")},
     }
-    return store_adapter(library, AdapterFile(layers, embeddings, meta))
+    if missing:
+        meta["identifier_embedding_missing"] = True
+    return store_adapter(library, AdapterFile(layers, embeddings, meta)), notes
+
+
+def studio_meta(file: Path, header: dict) -> dict:
+    """Our metadata from a file's header ({} when the file is not ours)."""
+    try:
+        meta = json.loads(header.get(STUDIO_META_KEY, "{}"))
+    except ValueError:
+        raise UserError(f"{file}: its {STUDIO_META_KEY!r} header entry is not valid JSON.") from None
+    return meta if isinstance(meta, dict) else {}
+
+
+def base_model_for_file(file: Path, header: dict) -> str:
+    """The base model the file's metadata names, if it is available here; the default model when none is named."""
+    from .models import available_here, default_base_model
+
+    named = studio_meta(file, header).get("base_model") or header.get("ss_sd_model_name")
+    if not named:
+        return default_base_model()
+    if not available_here(named):
+        raise UserError(f"{file.name} was made for the base model {named!r}, which is not available here; pass "
+                        "--base-model MODEL naming a copy of it (a built-in, hub id, diffusers folder or .safetensors file).")
+    return named
 
 
 def model_linear_shapes(model) -> dict[str, tuple[int, int]]:
@@ -264,8 +313,11 @@ def _checked(file, key, layer_key, down, up, alpha, modules) -> LayerFactors:
     return LayerFactors(down.float(), up.float(), float(alpha))
 
 
-def _sidecar_embeddings(file: Path) -> dict[str, torch.Tensor]:
-    sidecar = sidecar_path(file)
+def _sidecar_embeddings(file: Path, sidecar: Path | None) -> dict[str, torch.Tensor]:
+    """The identifier rows of a textual-inversion sidecar: the one given, else the one beside the file, if any."""
+    if sidecar is not None and not Path(sidecar).is_file():
+        raise UserError(f"{sidecar}: no such embedding file.")
+    sidecar = Path(sidecar) if sidecar is not None else sidecar_path(file)
     if not sidecar.exists():
         return {}
     tensors, header = read_safetensors(sidecar)
