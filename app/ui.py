@@ -19,9 +19,9 @@ from PIL import Image
 from dreambooth_lora.config import TEXT_ENCODER_MODES, TrainConfig, defaults_for
 from dreambooth_lora.errors import UserError
 from dreambooth_lora.generate import AdapterSession, GenerateSettings, base_model_for, resolve_adapters
-from dreambooth_lora.images import read_image
+from dreambooth_lora.images import photo_problem
 from dreambooth_lora.library import Library
-from dreambooth_lora.models import builtin_names, default_base_model, load_base_model
+from dreambooth_lora.models import builtin_names, default_base_model, load_base_model, native_resolution
 from dreambooth_lora.tinyworld import SUBJECTS, subject_image_paths
 from dreambooth_lora.worker import cancel_job, resume_job, submit_job
 
@@ -143,12 +143,16 @@ def train_tab(library: Library, timer: gr.Timer) -> None:
                               interactive=False, elem_id="jobs-table")
     seen = gr.State(None)
 
-    uploads.change(check_uploads, uploads, [previews, upload_notes])
+    # the photo rules depend on the training resolution, so the notes follow the model and resolution fields too
+    for source in (uploads, base_model, resolution):
+        source.change(check_uploads, [uploads, base_model, resolution], [previews, upload_notes])
     preset.change(lambda p: PRESETS[p]["rank"], preset, rank)
 
     def start_clicked(files, *form):
         try:
-            accepted = [f for f in files or [] if _image_problem(f) is None]
+            checked = _train_config(len(files or []), *form)  # validated once here for the photos' resolution
+            px = checked.resolution or native_resolution(checked.base_model)
+            accepted = [f for f in files or [] if _image_problem(f, px) is None]
             config = _train_config(len(accepted), *form)
             job_id = submit_job(library, config, accepted)
         except UserError as error:
@@ -191,10 +195,11 @@ def train_tab(library: Library, timer: gr.Timer) -> None:
     resume.click(resume_clicked, job_choice, seen)
 
 
-def check_uploads(files):
-    """Previews of the readable photos and one line per rejected file."""
+def check_uploads(files, base_model=None, resolution=None):
+    """Previews of the usable photos and one line per rejected file (unreadable, or too small or long for training)."""
     files = files or []
-    problems = {f: _image_problem(f) for f in files}
+    px = _int(_blank(resolution)) or native_resolution((base_model or "").strip() or default_base_model())
+    problems = {f: _image_problem(f, px) for f in files}
     good = [f for f in files if problems[f] is None]
     lines = [f"**Rejected** {problem}" for problem in problems.values() if problem]
     if files and len(good) < 3:
@@ -206,12 +211,8 @@ def check_uploads(files):
     return good, "\n\n".join(lines)
 
 
-def _image_problem(path) -> str | None:
-    try:
-        read_image(Path(path))
-    except UserError as error:
-        return str(error)  # names the file and the problem
-    return None
+def _image_problem(path, resolution: int | None) -> str | None:
+    return photo_problem(Path(path), resolution)  # names the file, its size and the rule
 
 
 def _blank(value):

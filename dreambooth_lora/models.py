@@ -141,14 +141,17 @@ def default_base_model() -> str:
     return builtin_names()[0]
 
 
-def native_resolution(name: str) -> int:
-    """The size a base model trains and generates at, without loading it: built-ins their own, others 512."""
+def native_resolution(name: str) -> int | None:
+    """The size a base model trains and generates at, without loading it: built-ins their own, others 512.
+
+    None for a built-in name that is not shipped here: it has no size, and loading it fails with its own message.
+    """
     if name == "builtin:tiny-random":
         return TINY_RANDOM_RESOLUTION
     if name.startswith("builtin:"):
         folder = BUILTIN_DIR / name.removeprefix("builtin:")
         if not (folder / "studio.json").exists():
-            raise UserError(f"Unknown built-in model {name!r}; built-ins here: {', '.join(builtin_names())}.")
+            return None
         return int(json.loads((folder / "studio.json").read_text())["resolution"])
     return DEFAULT_REAL_RESOLUTION
 

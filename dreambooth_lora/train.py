@@ -16,7 +16,7 @@ from .adapter_file import AdapterFile, check_new_name, free_name, store_adapter
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .errors import UserError
-from .images import expand_image_paths, load_subject_images
+from .images import check_subject_photos, expand_image_paths, load_subject_images
 from .library import AdapterEntry, Library
 from .lora import (
     EMBEDDING_PREFIX,
@@ -27,7 +27,7 @@ from .lora import (
     lora_parameters,
 )
 from .losses import prior_preservation_loss
-from .models import BaseModel, load_base_model
+from .models import BaseModel, load_base_model, native_resolution
 from .paths import prior_root
 from .prior import PriorSettings, ensure_prior_images, load_prior_images
 
@@ -69,7 +69,8 @@ class TrainResult:
 def create_job(library: Library, config: TrainConfig, image_paths: list, status: str = "running") -> str:
     """Check the images and name, copy the photos into jobs/<id>/images and record the job."""
     files = expand_image_paths(image_paths)
-    load_subject_images(files, 8)  # validates every file now, before anything slow happens
+    # every file, its size at the training resolution and the count, now, before anything slow happens
+    check_subject_photos(files, config.resolution or native_resolution(config.base_model))
     name = check_new_name(library, config.name or default_adapter_name(library, config))
     params = {"config": {**config.to_dict(), "name": name}}
     job_id = library.create_job(params, status=status)
