@@ -250,3 +250,12 @@ def test_import_names_a_base_model_that_is_not_here(root, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "was made for the base model 'v1-5-pruned-emaonly.safetensors', which is not available here; pass --base-model" in err
     assert not Library(root).name_taken("never")
+
+
+def test_reexport_without_an_embedding_removes_the_old_sidecar(model, root, tmp_path):
+    library = Library(root)
+    plain = add_random_adapter(library, model, "no-token", "", rank=4, alpha=4.0, seed=9)  # no identifier embedding
+    out, notes = export_adapter(library.get("a"), "kohya", str(tmp_path / "x.safetensors"))
+    assert sidecar_path(out).exists() and "keep it beside x.safetensors" in notes[0]
+    out, notes = export_adapter(plain, "kohya", str(tmp_path / "x.safetensors"))
+    assert not sidecar_path(out).exists() and notes == []  # else import would pair a's embedding with this file
