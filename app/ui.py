@@ -19,9 +19,9 @@ from PIL import Image
 from dreambooth_lora.config import TEXT_ENCODER_MODES, TrainConfig, defaults_for, uses_tiny_defaults
 from dreambooth_lora.errors import UserError
 from dreambooth_lora.generate import AdapterSession, GenerateSettings, base_model_for, resolve_adapters
-from dreambooth_lora.images import read_image
+from dreambooth_lora.images import photo_problem
 from dreambooth_lora.library import Library
-from dreambooth_lora.models import builtin_names, default_base_model, load_base_model
+from dreambooth_lora.models import builtin_names, default_base_model, load_base_model, native_resolution
 from dreambooth_lora.tinyworld import SUBJECTS, subject_image_paths
 from dreambooth_lora.jobs import ACTIVE, RESUMABLE, Job, Jobs, JobStatus
 
@@ -143,12 +143,16 @@ def train_tab(library: Library, timer: gr.Timer) -> None:
                               interactive=False, elem_id="jobs-table")
     seen = gr.State(None)
 
-    uploads.change(check_uploads, uploads, [previews, upload_notes])
+    # the photo rules depend on the training resolution, so the notes follow the model and resolution fields too
+    for source in (uploads, base_model, resolution):
+        source.change(check_uploads, [uploads, base_model, resolution], [previews, upload_notes])
     preset.change(lambda p: PRESETS[p]["rank"], preset, rank)
 
     def start_clicked(files, *form):
         try:
-            accepted = [f for f in files or [] if _image_problem(f) is None]
+            checked = _train_config(len(files or []), *form)  # validated once here for the photos' resolution
+            px = checked.resolution or native_resolution(checked.base_model)
+            accepted = [f for f in files or [] if _image_problem(f, px) is None]
             config = _train_config(len(accepted), *form)
             job_id = Jobs(library).create(config, accepted)
         except UserError as error:
@@ -191,10 +195,11 @@ def train_tab(library: Library, timer: gr.Timer) -> None:
     resume.click(resume_clicked, job_choice, seen)
 
 
-def check_uploads(files):
-    """Previews of the readable photos and one line per rejected file."""
+def check_uploads(files, base_model=None, resolution=None):
+    """Previews of the usable photos and one line per rejected file (unreadable, or too small or long for training)."""
     files = files or []
-    problems = {f: _image_problem(f) for f in files}
+    px = _int(_blank(resolution)) or native_resolution((base_model or "").strip() or default_base_model())
+    problems = {f: _image_problem(f, px) for f in files}
     good = [f for f in files if problems[f] is None]
     lines = [f"**Rejected** {problem}" for problem in problems.values() if problem]
     if files and len(good) < 3:
@@ -206,12 +211,8 @@ def check_uploads(files):
     return good, "\n\n".join(lines)
 
 
-def _image_problem(path) -> str | None:
-    try:
-        read_image(Path(path))
-    except UserError as error:
-        return str(error)  # names the file and the problem
-    return None
+def _image_problem(path, resolution: int | None) -> str | None:
+    return photo_problem(Path(path), resolution)  # names the file, its size and the rule
 
 
 def _blank(value):
@@ -333,12 +334,16 @@ def library_tab(library: Library, timer: gr.Timer):
             with gr.Accordion("Import a LoRA file", open=False):
                 import_file = gr.File(label="LoRA .safetensors", file_types=[".safetensors"], type="filepath",
                                       elem_id="import-file")
+                import_embedding = gr.File(label="Its identifier embedding (optional: the .embedding.safetensors a kohya "
+                                           "export writes beside the LoRA)", file_types=[".safetensors"], type="filepath",
+                                           elem_id="import-embedding")
                 with gr.Row():
                     import_name = gr.Textbox(label="Name", placeholder="(from the file name)", elem_id="import-name")
                     import_token = gr.Textbox(label="Token")
                     import_class = gr.Textbox(label="Class noun")
-                import_base = gr.Dropdown(builtin_names(), value=default_base_model(), allow_custom_value=True,
-                                          label="Base model it was trained for", elem_id="import-base")
+                import_base = gr.Dropdown(builtin_names(), value=None, allow_custom_value=True,
+                                          label="Base model it was trained for (empty: the one the file names)",
+                                          elem_id="import-base")
                 import_button = gr.Button("Import", elem_id="import-button")
             action_message = gr.Markdown(elem_id="library-message")
     seen = gr.State(None)
@@ -404,26 +409,29 @@ def library_tab(library: Library, timer: gr.Timer):
         except ImportError:
             raise UserError("Export is not available yet (dreambooth_lora.formats is missing).") from None
         entry = library.get(_need(name))
-        out = export_adapter(entry, fmt, Path(tempfile.mkdtemp(prefix="dbl-export-")) / f"{entry.name}.{fmt}.safetensors")
+        out, notes = export_adapter(entry, fmt, Path(tempfile.mkdtemp(prefix="dbl-export-")) / f"{entry.name}.{fmt}.safetensors")
+        for note in notes:
+            gr.Info(note)
         # A kohya export keeps a learned identifier embedding in a sidecar file next to the LoRA.
         return [str(path) for path in (out, sidecar_path(out)) if path.exists()]
 
     export.click(do_export, [chosen, export_format], export_file)
 
     @user_errors
-    def do_import(file, name, token, class_noun, base_model):
+    def do_import(file, embedding, name, token, class_noun, base_model):
         if not file:
             raise UserError("Choose a LoRA .safetensors file to import.")
         try:
             from dreambooth_lora.formats import import_adapter
         except ImportError:
             raise UserError("Import is not available yet (dreambooth_lora.formats is missing).") from None
-        entry = import_adapter(library, Path(file), name=(name or "").strip() or None,
-                               base_model=(base_model or "").strip() or default_base_model(),
-                               token=(token or "").strip(), class_noun=(class_noun or "").strip())
-        return f"Imported **{entry.name}**.", None
+        entry, notes = import_adapter(library, Path(file), name=(name or "").strip() or None,
+                                      base_model=(base_model or "").strip() or None,
+                                      token=(token or "").strip(), class_noun=(class_noun or "").strip(),
+                                      sidecar=Path(embedding) if embedding else None)
+        return "\n\n".join([f"Imported **{entry.name}** for {entry.base_model}.", *notes]), None
 
-    import_button.click(do_import, [import_file, import_name, import_token, import_class, import_base], [action_message, seen])
+    import_button.click(do_import, [import_file, import_embedding, import_name, import_token, import_class, import_base], [action_message, seen])
 
     return seen
 

@@ -120,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp = lsub.add_parser("import", parents=[root_flags], help="add a diffusers, kohya or PEFT LoRA .safetensors file to the library")
     imp.add_argument("file", help="a .safetensors LoRA file (pickle files are refused)")
     imp.add_argument("--name", default=None, help="library name (default: from the file name)")
-    imp.add_argument("--base-model", default=None, metavar="MODEL", help="the base model it was trained for (default: the default model)")
+    imp.add_argument("--base-model", default=None, metavar="MODEL",
+                     help="the base model it was trained for (default: the one the file's metadata names, else the default model)")
+    imp.add_argument("--embedding", default=None, metavar="FILE",
+                     help="the identifier-embedding sidecar of a kohya file (default: <file stem>.embedding.safetensors beside it)")
     imp.add_argument("--token", default="", help="identifier word the adapter responds to")
     imp.add_argument("--class-noun", default="", help="what the subject is, e.g. dog")
     lsub.add_parser("rank", parents=[root_flags], help="singular values and energy kept at each rank, per layer").add_argument("name", help=name_help)
@@ -303,14 +306,17 @@ def cmd_library(args) -> int:
     elif args.action == "export":
         from .formats import export_adapter
 
-        print(export_adapter(library.get(args.name), args.format, args.out))
+        path, notes = export_adapter(library.get(args.name), args.format, args.out)
+        print(path)
+        _print_notes(notes)
     elif args.action == "import":
         from .formats import import_adapter
-        from .models import default_base_model
 
-        entry = import_adapter(library, Path(args.file), name=args.name, base_model=args.base_model or default_base_model(),
-                               token=args.token, class_noun=args.class_noun)
-        print(json.dumps(entry.summary()))
+        entry, notes = import_adapter(library, Path(args.file), name=args.name, base_model=args.base_model,
+                                      token=args.token, class_noun=args.class_noun,
+                                      sidecar=Path(args.embedding) if args.embedding else None)
+        print(json.dumps({**entry.summary(), "notes": notes}))
+        _print_notes(notes)
     elif args.action == "rank":
         from .resize import format_rank_report, rank_report
 
@@ -321,6 +327,11 @@ def cmd_library(args) -> int:
         entry, report = resize_adapter(library, args.name, energy=args.energy, rank=args.rank, new_name=args.new_name)
         print(json.dumps({"adapter": entry.name, **report}))
     return 0
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def cmd_mix(args) -> int:

@@ -1,7 +1,7 @@
-"""Adapter files in and out: our library layout, diffusers, kohya/A1111/ComfyUI and PEFT.
+"""Conversions to and from other tools' layouts: diffusers, kohya/A1111/ComfyUI and PEFT.
 
-Every format is read into one in-memory shape, `AdapterWeights` (per layer: down = A, up = B, alpha),
-so mixing, resizing, export and import share one reader and one writer.
+Every format is read into our one in-memory shape, `adapter_file.AdapterFile` (per layer: down = A, up = B,
+alpha), and stored or exported from it; our own file is read and written by adapter_file.py alone.
 
 Kohya export and the identifier embedding: A1111 reads "bundled embeddings" from a LoRA file as
 `bundle_emb.<name>.string_to_param.*` keys, but diffusers only treats a file as kohya when *every*
@@ -13,160 +13,40 @@ in a sidecar `<out stem>.embedding.safetensors` in A1111's textual-inversion lay
 
 from __future__ import annotations
 
-import collections
 import json
-import re
-import shutil
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .adapter_file import (
+    DIFFUSERS_META_KEY,
+    EMBEDDING_PREFIX,
+    STUDIO_META_KEY,
+    AdapterFile,
+    LayerFactors,
+    alpha_from_config,
+    check_new_name,
+    pattern_value,
+    read_adapter,
+    read_safetensors,
+    store_adapter,
+    write_adapter,
+)
 from .errors import UserError
 from .library import AdapterEntry, Library
-from .lora import DIFFUSERS_META_KEY, EMBEDDING_PREFIX, STUDIO_META_KEY, read_safetensors
-from .paths import atomic_path, validate_name
+from .paths import atomic_path
 
-COMPONENTS = ("unet", "text_encoder")
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"}  # CLIP paths kept their text_model. level in kohya names
 PEFT_PREFIX = "base_model.model."
 SIDECAR_SUFFIX = ".embedding.safetensors"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 
 
-@dataclass
-class LayerFactors:
-    """One LoRA layer: delta W = (alpha / rank) * up @ down."""
-
-    down: torch.Tensor  # A, [rank, in_features]
-    up: torch.Tensor  # B, [out_features, rank]
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def delta(self) -> torch.Tensor:
-        return self.scale * (self.up.double() @ self.down.double())
-
-
-@dataclass
-class AdapterWeights:
-    """An adapter in memory: layers keyed `unet.<module>` / `text_encoder.<module>`, embedding rows by token piece."""
-
-    layers: dict[str, LayerFactors]
-    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def max_rank(self) -> int:
-        return max((layer.rank for layer in self.layers.values()), default=0)
-
-    @property
-    def common_alpha(self) -> float:
-        return _most_common([layer.alpha for layer in self.layers.values()]) if self.layers else 0.0
-
-
-# ----- our library file (diffusers key layout) -----
-
-def read_adapter(path: Path) -> AdapterWeights:
-    """Read a file in our layout; each layer's alpha comes from diffusers' header metadata (rank/alpha patterns)."""
-    tensors, header = read_safetensors(Path(path))
-    config = json.loads(header.get(DIFFUSERS_META_KEY, "{}"))
-    layers = {}
-    for key in tensors:
-        if not key.endswith(".lora_A.weight"):
-            continue
-        layer_key = key.removesuffix(".lora_A.weight")
-        component, _, module = layer_key.partition(".")
-        down, up = tensors[key], tensors.get(f"{layer_key}.lora_B.weight")
-        if up is None:
-            raise UserError(f"{path}: {key!r} has no matching lora_B weight.")
-        layers[layer_key] = LayerFactors(down.float(), up.float(), _alpha_from_config(config, component, module, down.shape[0]))
-    embeddings = {k.removeprefix(EMBEDDING_PREFIX): v.float() for k, v in tensors.items() if k.startswith(EMBEDDING_PREFIX)}
-    return AdapterWeights(layers, embeddings, json.loads(header.get(STUDIO_META_KEY, "{}")))
-
-
-def adapter_tensors(weights: AdapterWeights) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for layer_key, layer in sorted(weights.layers.items()):
-        tensors[f"{layer_key}.lora_A.weight"] = layer.down.float().contiguous()
-        tensors[f"{layer_key}.lora_B.weight"] = layer.up.float().contiguous()
-    for piece, vector in weights.embeddings.items():
-        tensors[EMBEDDING_PREFIX + piece] = vector.float().contiguous()
-    return tensors
-
-
-def diffusers_layer_config(layers: dict[str, LayerFactors]) -> dict:
-    """`lora_adapter_metadata` for any per-layer ranks and alphas: diffusers builds its LoraConfig from it as is.
-
-    Target modules are the exact module paths, so a file covering only some layers injects exactly those.
-    """
-    config = {}
-    for component in COMPONENTS:
-        mine = {key.partition(".")[2]: layer for key, layer in layers.items() if key.partition(".")[0] == component}
-        if not mine:
-            continue
-        rank = _most_common([layer.rank for layer in mine.values()])
-        alpha = _most_common([layer.alpha for layer in mine.values()])
-        config.update({
-            f"{component}.r": rank,
-            f"{component}.lora_alpha": alpha,
-            f"{component}.target_modules": sorted(mine),
-            f"{component}.rank_pattern": {m: layer.rank for m, layer in sorted(mine.items()) if layer.rank != rank},
-            f"{component}.alpha_pattern": {m: layer.alpha for m, layer in sorted(mine.items()) if layer.alpha != alpha},
-        })
-    return config
-
-
-def write_adapter(path: Path, weights: AdapterWeights) -> None:
-    header = {
-        "format": "pt",
-        DIFFUSERS_META_KEY: json.dumps(diffusers_layer_config(weights.layers), sort_keys=True),
-        STUDIO_META_KEY: json.dumps(weights.meta, sort_keys=True),
-    }
-    save_file(adapter_tensors(weights), str(path), metadata=header)
-
-
-def check_new_name(library: Library, name: str) -> str:
-    validate_name(name, "adapter name")
-    if library.name_taken(name):
-        raise UserError(f"An adapter named {name!r} already exists; choose another --name.")
-    return name
-
-
-def free_name(library: Library, base: str) -> str:
-    name, suffix = base, 2
-    while library.name_taken(name):
-        name, suffix = f"{base}-{suffix}", suffix + 1
-    return name
-
-
-def store_adapter(library: Library, weights: AdapterWeights) -> AdapterEntry:
-    """Write the adapter into a staging folder and move it into the library (all or nothing)."""
-    meta = {**weights.meta, "id": library.new_adapter_id(), "created": time.time(),
-            "rank": weights.max_rank, "alpha": weights.common_alpha}
-    weights = AdapterWeights(weights.layers, weights.embeddings, meta)
-    staging = library.staging_folder()
-    try:
-        with atomic_path(staging / "adapter.safetensors") as tmp:
-            write_adapter(tmp, weights)
-        return library.add_adapter(staging, meta)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 # ----- export -----
 
-def export_adapter(entry: AdapterEntry, fmt: str, out: str | None) -> Path:
-    """Write a library adapter as a diffusers or kohya/A1111/ComfyUI file; returns the file written."""
+def export_adapter(entry: AdapterEntry, fmt: str, out: str | None) -> tuple[Path, list[str]]:
+    """Write a library adapter as a diffusers or kohya/A1111/ComfyUI file; returns the file and notes for the person."""
     if fmt not in ("diffusers", "kohya"):
         raise UserError(f"--format {fmt!r}: use diffusers or kohya.")
     path = Path(out) if out else Path(f"{entry.name}.{fmt}.safetensors")
@@ -175,19 +55,27 @@ def export_adapter(entry: AdapterEntry, fmt: str, out: str | None) -> Path:
     weights = read_adapter(entry.file)
     weights.meta = {**entry.meta, **weights.meta, "name": entry.name}
     path.parent.mkdir(parents=True, exist_ok=True)
+    notes = []
+    if entry.meta.get("identifier_embedding_missing"):
+        notes.append(f"Adapter {entry.name!r} was imported without its identifier embedding, so this export lacks it too "
+                     "and will not draw the subject.")
     if fmt == "diffusers":
-        with atomic_path(path) as tmp:
-            write_adapter(tmp, weights)  # diffusers ignores the lora_token_embedding.* rows; our import reads them
-        return path
+        write_adapter(path, weights)  # diffusers ignores the lora_token_embedding.* rows; our import reads them
+        return path, notes
     tensors, header = kohya_state_dict(weights)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
+    sidecar = sidecar_path(path)
     if weights.embeddings:
         pieces = list(weights.embeddings)
-        with atomic_path(sidecar_path(path)) as tmp:
-            save_file({"emb_params": torch.stack([weights.embeddings[p] for p in pieces]).contiguous()}, str(tmp),
+        with atomic_path(sidecar) as tmp:
+            save_file({"emb_params": torch.stack([weights.embeddings[p] for p in pieces]).float().contiguous()}, str(tmp),
                       metadata={"tokens": json.dumps(pieces), "token": weights.meta.get("token", "")})
-    return path
+        notes.append(f"The identifier embedding ('{weights.meta.get('token', '')}') is in {sidecar}: keep it beside "
+                     f"{path.name}, which needs it to draw the subject; `library import` reads it from there.")
+    else:
+        sidecar.unlink(missing_ok=True)  # a stale sidecar from an earlier export would be imported with this file
+    return path, notes
 
 
 def sidecar_path(lora_file: Path) -> Path:
@@ -200,7 +88,7 @@ def kohya_name(layer_key: str) -> str:
     return KOHYA_PREFIX[component] + module.replace(".", "_")
 
 
-def kohya_state_dict(weights: AdapterWeights) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def kohya_state_dict(weights: AdapterFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Kohya keys with one alpha for every layer; a layer whose own alpha differs has the ratio folded into up.
 
     One shared alpha keeps diffusers' kohya loader exact: with differing alphas it builds an alpha_pattern
@@ -221,6 +109,7 @@ def kohya_state_dict(weights: AdapterWeights) -> tuple[dict[str, torch.Tensor], 
         "ss_network_alpha": f"{alpha:g}",
         "ss_base_model_version": "sd_v1",
         "ss_output_name": str(meta.get("name", "")),
+        "ss_sd_model_name": str(meta.get("base_model", "")),  # kohya's base-model field; import reads it
         "ss_training_comment": f"DreamBooth-LoRA Studio: '{meta.get('token', '')}' {meta.get('class_noun', '')} "
                                f"on {meta.get('base_model', '')}".strip(),
         "ss_steps": steps,
@@ -232,8 +121,14 @@ def kohya_state_dict(weights: AdapterWeights) -> tuple[dict[str, torch.Tensor], 
 
 # ----- import -----
 
-def import_adapter(library: Library, file: Path, name: str | None, base_model: str, token: str, class_noun: str) -> AdapterEntry:
-    """Add a diffusers, kohya or PEFT LoRA .safetensors file to the library, checked against the base model's layers."""
+def import_adapter(library: Library, file: Path, name: str | None, base_model: str | None, token: str, class_noun: str,
+                   sidecar: Path | None = None) -> tuple[AdapterEntry, list[str]]:
+    """Add a diffusers, kohya or PEFT LoRA .safetensors file to the library, checked against the base model's layers.
+
+    Without `base_model`, the model the file's metadata names is used (ours, else kohya's `ss_sd_model_name`), else
+    the default model. A kohya file's identifier embedding comes from `sidecar`, else `<file>.embedding.safetensors`.
+    Returns the entry and notes for the person (e.g. an embedding the adapter needs but the import did not find).
+    """
     from .models import load_base_model
 
     file = Path(file)
@@ -245,12 +140,21 @@ def import_adapter(library: Library, file: Path, name: str | None, base_model: s
         raise UserError(f"{file}: no such file.")
     name = check_new_name(library, name or file.name.removesuffix(".safetensors"))
     tensors, header = read_safetensors(file)
-    model = load_base_model(base_model)
+    ours = studio_meta(file, header)
+    model = load_base_model(base_model or base_model_for_file(file, header))
     modules = model_linear_shapes(model)
     fmt, layers, embeddings = parse_lora_file(file, tensors, header, modules)
-    embeddings.update(_sidecar_embeddings(file))
+    embeddings.update(_sidecar_embeddings(file, sidecar))
     _check_embeddings(file, embeddings, model)
-    ours = json.loads(header.get(STUDIO_META_KEY, "{}"))
+    notes = []
+    missing = bool(ours.get("train_token_embedding")) and not embeddings
+    if missing:
+        notes.append(f"{file.name} was trained with an identifier embedding for '{ours.get('token', '')}', but it is not in "
+                     f"the file and no {sidecar_path(file).name} was found beside it: without it the adapter will not "
+                     "draw the subject, so import the file again with its sidecar.")
+    if ours.get("fingerprint") and ours["fingerprint"] != model.fingerprint:
+        notes.append(f"{file.name} was trained on {ours.get('base_model')!r}, whose weights differ from {model.name!r}'s; "
+                     "its layers fit, but the results may differ from the original's.")
     token = token or ours.get("token") or "".join(p.removesuffix("</w>") for p in embeddings)
     meta = {
         "name": name, "token": token, "class_noun": class_noun or ours.get("class_noun", ""),
@@ -262,7 +166,31 @@ def import_adapter(library: Library, file: Path, name: str | None, base_model: s
         "imported_from": str(file), "imported_format": fmt,
         "imported_meta": ours or {k: v for k, v in header.items() if k.startswith("ss_")},
     }
-    return store_adapter(library, AdapterWeights(layers, embeddings, meta))
+    if missing:
+        meta["identifier_embedding_missing"] = True
+    return store_adapter(library, AdapterFile(layers, embeddings, meta)), notes
+
+
+def studio_meta(file: Path, header: dict) -> dict:
+    """Our metadata from a file's header ({} when the file is not ours)."""
+    try:
+        meta = json.loads(header.get(STUDIO_META_KEY, "{}"))
+    except ValueError:
+        raise UserError(f"{file}: its {STUDIO_META_KEY!r} header entry is not valid JSON.") from None
+    return meta if isinstance(meta, dict) else {}
+
+
+def base_model_for_file(file: Path, header: dict) -> str:
+    """The base model the file's metadata names, if it is available here; the default model when none is named."""
+    from .models import available_here, default_base_model
+
+    named = studio_meta(file, header).get("base_model") or header.get("ss_sd_model_name")
+    if not named:
+        return default_base_model()
+    if not available_here(named):
+        raise UserError(f"{file.name} was made for the base model {named!r}, which is not available here; pass "
+                        "--base-model MODEL naming a copy of it (a built-in, hub id, diffusers folder or .safetensors file).")
+    return named
 
 
 def model_linear_shapes(model) -> dict[str, tuple[int, int]]:
@@ -341,7 +269,7 @@ def _parse_peft(file, tensors, modules):
             raise UserError(f"{file}: key {key!r} has no matching lora_B weight.")
         rank = value.shape[0]
         # No adapter_config.json: alpha = rank (scale 1), the diffusers/PEFT convention for bare state dicts.
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)) if config else rank
+        alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)) if config else rank
         layers[layer_key] = _checked(file, key, layer_key, value, up, float(alpha), modules)
     component_of = {k.partition(".")[0] for k in layers}
     if len(component_of) > 1:
@@ -367,7 +295,7 @@ def _parse_diffusers(file, tensors, header, modules):
         up = tensors.get(key.replace(".lora_A.", ".lora_B."))
         if up is None:
             raise UserError(f"{file}: key {key!r} has no matching lora_B weight.")
-        alpha = _alpha_from_config(config, component, module, value.shape[0])
+        alpha = alpha_from_config(config, component, module, value.shape[0])
         layers[layer_key] = _checked(file, key, layer_key, value, up, alpha, modules)
     return layers
 
@@ -385,8 +313,11 @@ def _checked(file, key, layer_key, down, up, alpha, modules) -> LayerFactors:
     return LayerFactors(down.float(), up.float(), float(alpha))
 
 
-def _sidecar_embeddings(file: Path) -> dict[str, torch.Tensor]:
-    sidecar = sidecar_path(file)
+def _sidecar_embeddings(file: Path, sidecar: Path | None) -> dict[str, torch.Tensor]:
+    """The identifier rows of a textual-inversion sidecar: the one given, else the one beside the file, if any."""
+    if sidecar is not None and not Path(sidecar).is_file():
+        raise UserError(f"{sidecar}: no such embedding file.")
+    sidecar = Path(sidecar) if sidecar is not None else sidecar_path(file)
     if not sidecar.exists():
         return {}
     tensors, header = read_safetensors(sidecar)
@@ -417,23 +348,3 @@ def _check_embeddings(file, embeddings, model) -> None:
         ids = model.tokenizer.convert_tokens_to_ids([piece])
         if ids[0] == model.tokenizer.unk_token_id and piece != model.tokenizer.unk_token:
             raise UserError(f"{file}: identifier token piece {piece!r} is not in the base model's vocabulary.")
-
-
-# ----- helpers -----
-
-def _alpha_from_config(config: dict, component: str, module: str, rank: int) -> float:
-    """Alpha as diffusers/PEFT resolve it: alpha_pattern, else lora_alpha, else rank (no metadata: scale 1)."""
-    default = config.get(f"{component}.lora_alpha", rank)
-    return float(_pattern_value(config.get(f"{component}.alpha_pattern") or {}, module, default))
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    # peft.utils.other.get_pattern_key: a pattern matches the module path or its dotted tail.
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
-
-
-def _most_common(values):
-    return collections.Counter(values).most_common(1)[0][0]

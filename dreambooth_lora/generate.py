@@ -12,7 +12,8 @@ from PIL import Image, PngImagePlugin
 
 from .errors import UserError
 from .library import AdapterEntry, Library
-from .lora import EMBEDDING_PREFIX, TokenEmbedding, read_adapter_file
+from .adapter_file import EMBEDDING_PREFIX, read_adapter
+from .lora import TokenEmbedding
 from .models import BaseModel, load_base_model
 from .paths import atomic_path
 
@@ -88,7 +89,7 @@ class AdapterSession:
             names.append(adapter_name)
             weights.append(weight)
             self.loaded[entry.id] = adapter_name
-            for key, vector in read_adapter_file(entry.file).embedding_tensors.items():
+            for key, vector in read_adapter(entry.file).embedding_tensors.items():
                 embedding_deltas.setdefault(key, []).append((vector, weight))
         if names:
             self.pipe.set_adapters(names, weights)
@@ -140,7 +141,7 @@ def check_compatible(entry: AdapterEntry, model: BaseModel) -> None:
 
 def load_counted(pipe, file: Path, adapter_name: str, label: str) -> None:
     """load_lora_weights, then check every LoRA module in the file was placed (diffusers only warns)."""
-    tensors = read_adapter_file(file).lora_only()
+    tensors = read_adapter(file).lora_only()
     expected = {key.split(".lora_")[0] for key in tensors}
     pipe.load_lora_weights(str(file), adapter_name=adapter_name)
     placed = 0

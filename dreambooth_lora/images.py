@@ -13,6 +13,8 @@ MIN_IMAGES = 3  # DreamBooth works from 3-5 photos of the subject
 MAX_IMAGES = 20
 RECOMMENDED_MAX = 5
 MAX_PIXELS = 8192 * 8192  # larger than any camera photo; more is a decompression bomb
+MIN_SIDE_SHARE = 0.5  # the shorter side at least half the training resolution: smaller is upscaled into mush
+MAX_ASPECT = 4.0  # longer side at most 4x the shorter: the centre crop of a longer strip keeps too little
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -30,11 +32,53 @@ def expand_image_paths(paths: list[str | Path]) -> list[Path]:
 
 def load_subject_images(paths: list[str | Path], resolution: int) -> tuple[list[Image.Image], list[str]]:
     """Load and prepare the subject's photos; returns images and notes, raises UserError naming every bad file."""
+    return _subject_images(paths, resolution, prepare=True)
+
+
+def check_subject_photos(paths: list[str | Path], resolution: int | None) -> list[str]:
+    """The checks of load_subject_images without preparing the images (for a job before it is queued); returns notes.
+
+    `resolution` None (a base model with no known size) leaves out the shorter-side rule."""
+    return _subject_images(paths, resolution, prepare=False)[1]
+
+
+def photo_problem(path: Path, resolution: int | None) -> str | None:
+    """Why one photo cannot be trained on at `resolution` (a sentence naming it), or None."""
+    try:
+        read_photo(Path(path), resolution)
+    except UserError as error:
+        return str(error)
+    return None
+
+
+def size_problem(name: str, width: int, height: int, resolution: int | None) -> str | None:
+    """A sentence naming the file, its size and each rule it breaks, or None."""
+    shorter, longer = min(width, height), max(width, height)
+    rules = []
+    if resolution is not None and shorter < resolution * MIN_SIDE_SHARE:
+        rules.append(f"its shorter side is below {resolution * MIN_SIDE_SHARE:g} px "
+                     f"(half the {resolution} px training resolution)")
+    if longer > MAX_ASPECT * shorter:
+        rules.append(f"its sides are further apart than {MAX_ASPECT:g}:1")
+    return f"{name}: {width}x{height} px: {' and '.join(rules)}." if rules else None
+
+
+def read_photo(path: Path, resolution: int | None) -> Image.Image:
+    """read_image, then the size rules for training at `resolution`."""
+    image = read_image(path)
+    problem = size_problem(path.name, image.width, image.height, resolution)
+    if problem:
+        raise UserError(problem)
+    return image
+
+
+def _subject_images(paths, resolution: int | None, prepare: bool) -> tuple[list[Image.Image], list[str]]:
     files = expand_image_paths(paths)
     problems, images = [], []
     for path in files:
         try:
-            images.append(prepare_image(read_image(path), resolution))
+            image = read_photo(path, resolution)
+            images.append(prepare_image(image, resolution) if prepare else None)  # one photo in memory at a time
         except UserError as error:
             problems.append(str(error))
     if problems:

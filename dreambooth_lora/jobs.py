@@ -22,13 +22,14 @@ from typing import Callable
 
 from sqlalchemy import delete, insert, select, update
 
+from .adapter_file import check_new_name, free_name
 from .checkpoint import checkpoint_step
 from .config import TrainConfig
 from .db import jobs as jobs_table
 from .errors import UserError
-from .images import expand_image_paths, load_subject_images
+from .images import check_subject_photos, expand_image_paths
 from .library import Library, new_id
-from .paths import validate_name
+from .models import native_resolution
 
 HEARTBEAT_SECONDS = 10.0
 STALE_SECONDS = 60.0
@@ -153,11 +154,9 @@ class Jobs:
         With status RUNNING the calling process is its runner (the CLI's foreground `train`).
         """
         files = expand_image_paths(image_paths)
-        load_subject_images(files, 8)  # validates every file now, before anything slow happens
-        name = config.name or default_adapter_name(self.library, config)
-        validate_name(name, "adapter name")
-        if self.library.name_taken(name):
-            raise UserError(f"An adapter named {name!r} already exists; choose another --name.")
+        # every file, its size at the training resolution and the count, now, before anything slow happens
+        check_subject_photos(files, config.resolution or native_resolution(config.base_model))
+        name = check_new_name(self.library, config.name or default_adapter_name(self.library, config))
         job_id = new_id()
         images = self.folder(job_id) / "images"
         images.mkdir(parents=True)
@@ -371,11 +370,7 @@ def create_job(library: Library, config: TrainConfig, image_paths: list, status:
 
 
 def default_adapter_name(library: Library, config: TrainConfig) -> str:
-    base = f"{config.token}-{config.class_noun.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M')}"
-    name, suffix = base, 2
-    while library.name_taken(name):
-        name, suffix = f"{base}-{suffix}", suffix + 1
-    return name
+    return free_name(library, f"{config.token}-{config.class_noun.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M')}")
 
 
 # ----------------------------------------------------------------- running a job (CLI and worker alike)

@@ -1,23 +1,16 @@
-"""LoRA layers (PEFT) on the UNet and text encoder, the identifier embedding, and the adapter file."""
+"""LoRA layers (PEFT) on the UNet and text encoder, and the identifier embedding (the file: adapter_file.py)."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from .adapter_file import EMBEDDING_PREFIX
 from .errors import UserError
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections (DreamBooth-LoRA)
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 ADAPTER_NAME = "default"
-EMBEDDING_PREFIX = "lora_token_embedding."  # learned identifier rows; diffusers skips it (no unet./text_encoder. prefix) but needs "lora" in every key
-STUDIO_META_KEY = "dreambooth_lora"
-DIFFUSERS_META_KEY = "lora_adapter_metadata"  # what diffusers reads rank/alpha from
 
 
 def lora_config(rank: int, alpha: float, targets: list[str]) -> LoraConfig:
@@ -102,29 +95,6 @@ class TokenEmbedding(torch.nn.Module):
         return cls(ids, vectors, pieces)
 
 
-@dataclass
-class AdapterFile:
-    """An adapter's tensors (diffusers key layout) and metadata, as stored in one safetensors file."""
-
-    tensors: dict[str, torch.Tensor]
-    meta: dict
-
-    @property
-    def unet_tensors(self) -> dict[str, torch.Tensor]:
-        return _strip_prefix(self.tensors, "unet.")
-
-    @property
-    def text_encoder_tensors(self) -> dict[str, torch.Tensor]:
-        return _strip_prefix(self.tensors, "text_encoder.")
-
-    @property
-    def embedding_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.tensors.items() if k.startswith(EMBEDDING_PREFIX)}
-
-    def lora_only(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.tensors.items() if not k.startswith(EMBEDDING_PREFIX)}
-
-
 def collect_adapter_tensors(unet, text_encoder=None, token_embedding: TokenEmbedding | None = None) -> dict[str, torch.Tensor]:
     """The trained LoRA weights in diffusers' layout (`unet.` / `text_encoder.` prefixes), in fp32."""
     tensors = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
@@ -134,47 +104,3 @@ def collect_adapter_tensors(unet, text_encoder=None, token_embedding: TokenEmbed
     if token_embedding is not None:
         tensors.update(token_embedding.state())
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-
-
-def diffusers_metadata(rank: int, alpha: float, has_text_encoder: bool) -> str:
-    """The `lora_adapter_metadata` JSON diffusers reads so that alpha != rank loads with the right scale."""
-    meta = {f"unet.{k}": v for k, v in _config_dict(rank, alpha, UNET_TARGETS).items()}
-    if has_text_encoder:
-        meta.update({f"text_encoder.{k}": v for k, v in _config_dict(rank, alpha, TEXT_ENCODER_TARGETS).items()})
-    return json.dumps(meta, sort_keys=True)
-
-
-def _config_dict(rank, alpha, targets) -> dict:
-    config = lora_config(rank, alpha, targets).to_dict()
-    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items() if k in {"r", "lora_alpha", "target_modules", "init_lora_weights"}}
-
-
-def write_adapter_file(path, tensors: dict[str, torch.Tensor], meta: dict, rank: int, alpha: float) -> None:
-    """Save tensors with diffusers' metadata and ours in the safetensors header (strings only)."""
-    header = {
-        "format": "pt",
-        DIFFUSERS_META_KEY: diffusers_metadata(rank, alpha, any(k.startswith("text_encoder.") for k in tensors)),
-        STUDIO_META_KEY: json.dumps(meta, sort_keys=True),
-    }
-    save_file(tensors, str(path), metadata=header)
-
-
-def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header of an untrusted file (safetensors only, never pickle), or a UserError."""
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-        raise UserError(f"{path}: not a readable safetensors file ({error}).".replace("\n", " ")) from None
-    return tensors, header
-
-
-def read_adapter_file(path) -> AdapterFile:
-    """Load an adapter written by write_adapter_file."""
-    tensors, header = read_safetensors(path)
-    return AdapterFile(tensors, json.loads(header.get(STUDIO_META_KEY, "{}")))
-
-
-def _strip_prefix(tensors: dict, prefix: str) -> dict:
-    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}

@@ -19,7 +19,7 @@ import math
 import torch
 
 from .errors import UserError
-from .formats import AdapterWeights, LayerFactors, check_new_name, read_adapter, store_adapter
+from .adapter_file import EMBEDDING_PREFIX, AdapterFile, LayerFactors, check_new_name, read_adapter, store_adapter
 from .library import AdapterEntry, Library
 from .resize import svd_factorize
 
@@ -97,7 +97,7 @@ def mix_adapters(library: Library, specs: list[tuple[str, float]], new_name: str
                 "parts": [{"name": e.name, "id": e.id, "weight": w} for e, w in parts]},
     }
     embeddings = _mixed_embeddings(entries[0].base_model, parts, adapters)
-    entry = store_adapter(library, AdapterWeights(layers, embeddings, meta))
+    entry = store_adapter(library, AdapterFile(layers, embeddings, meta))
     report = {"method": method, "exact": method == "cat" or (method == "svd" and _all_exact(per_layer)),
               "parts": meta["mix"]["parts"], "rank": entry.rank, "layers": len(layers),
               "embeddings": sorted(embeddings), "size_bytes": entry.file.stat().st_size}
@@ -107,7 +107,7 @@ def mix_adapters(library: Library, specs: list[tuple[str, float]], new_name: str
     return entry, report
 
 
-def _layer_keys(adapters: list[AdapterWeights]) -> list[str]:
+def _layer_keys(adapters: list[AdapterFile]) -> list[str]:
     return sorted({key for adapter in adapters for key in adapter.layers})
 
 
@@ -131,7 +131,6 @@ def _mixed_embeddings(base_model: str, parts, adapters) -> dict[str, torch.Tenso
     if not deltas:
         return {}
     from .generate import check_compatible, mixed_token_embedding
-    from .lora import EMBEDDING_PREFIX
     from .models import load_base_model
 
     model = load_base_model(base_model)

@@ -23,6 +23,7 @@ from .tokenizer import build_tokenizer
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 DEFAULT_REAL_RESOLUTION = 512  # Stable Diffusion 1.x native size
+TINY_RANDOM_RESOLUTION = 64
 
 
 @dataclass
@@ -126,7 +127,7 @@ def _build_tiny_random() -> BaseModel:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    return _assemble("builtin:tiny-random", unet, vae, text_encoder, tokenizer, sd_scheduler_config(), 64)
+    return _assemble("builtin:tiny-random", unet, vae, text_encoder, tokenizer, sd_scheduler_config(), TINY_RANDOM_RESOLUTION)
 
 
 def builtin_names() -> list[str]:
@@ -139,6 +140,37 @@ def builtin_names() -> list[str]:
 def default_base_model() -> str:
     """tiny-world once it ships with the package, tiny-random until then (docs/DESIGN.md, "Default base model")."""
     return builtin_names()[0]
+
+
+def native_resolution(name: str) -> int | None:
+    """The size a base model trains and generates at, without loading it: built-ins their own, others 512.
+
+    None for a built-in name that is not shipped here: it has no size, and loading it fails with its own message.
+    """
+    if name == "builtin:tiny-random":
+        return TINY_RANDOM_RESOLUTION
+    if name.startswith("builtin:"):
+        folder = BUILTIN_DIR / name.removeprefix("builtin:")
+        if not (folder / "studio.json").exists():
+            return None
+        return int(json.loads((folder / "studio.json").read_text())["resolution"])
+    return DEFAULT_REAL_RESOLUTION
+
+
+def available_here(name: str) -> bool:
+    """Whether `name` can be loaded here offline: a shipped built-in, an existing path, or a hub id in the local cache."""
+    if name.startswith("builtin:"):
+        return name in builtin_names()
+    if Path(name).exists():
+        return True
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "model_index.json"), str)
+    except ValueError:  # not a valid hub id
+        return False
 
 
 def load_base_model(name: str, config_dir: str | None = None) -> BaseModel:
@@ -155,7 +187,7 @@ def load_base_model(name: str, config_dir: str | None = None) -> BaseModel:
         if not (folder / "model_index.json").exists():
             known = builtin_names() + list(REAL_SHAPED_BUILTINS)
             raise UserError(f"Unknown built-in model {name!r}; built-ins here: {', '.join(known)}.")
-        resolution = json.loads((folder / "studio.json").read_text())["resolution"]
+        resolution = native_resolution(name)
         return _from_pipeline(name, StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32), resolution)
     path = Path(name)
     if path.suffix in {".safetensors", ".ckpt"}:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .errors import UserError
-from .formats import AdapterWeights, LayerFactors, check_new_name, free_name, read_adapter, store_adapter
+from .adapter_file import AdapterFile, LayerFactors, check_new_name, free_name, read_adapter, store_adapter
 from .library import AdapterEntry, Library
 
 REPORT_ENERGIES = (0.9, 0.95, 0.99, 0.999)
@@ -102,7 +102,7 @@ def resize_adapter(library: Library, name: str, energy: float | None, rank: int 
         per_layer[key] = {"rank": down.shape[0], "relative_error": round(error, 6)}
     meta = {**entry.meta, "name": new_name,
             "resized_from": {"name": entry.name, "id": entry.id, "energy": energy, "rank": rank}}
-    new_entry = store_adapter(library, AdapterWeights(layers, dict(weights.embeddings), meta))
+    new_entry = store_adapter(library, AdapterFile(layers, dict(weights.embeddings), meta))
     ranks = [layer["rank"] for layer in per_layer.values()]
     return new_entry, {
         "size_bytes_before": entry.file.stat().st_size, "size_bytes_after": new_entry.file.stat().st_size,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from typing import Callable
 import torch
 
 from . import __version__
+from .adapter_file import AdapterFile, store_adapter
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, uses_tiny_defaults
 from .errors import UserError
@@ -25,7 +25,6 @@ from .lora import (
     attach_unet_lora,
     collect_adapter_tensors,
     lora_parameters,
-    write_adapter_file,
 )
 from .losses import prior_preservation_loss
 from .models import BaseModel, load_base_model
@@ -502,24 +501,18 @@ def generate_samples(model: BaseModel, trainables: Trainables, config: TrainConf
 
 def save_adapter(library: Library, model: BaseModel, trainables: Trainables, config: TrainConfig,
                  job_id: str, losses: list[float]) -> AdapterEntry:
-    """Write adapter file and meta into a staging folder, then move it into the library."""
+    """Store the adapter file and meta in the library (all or nothing); samples follow (write_samples).
+
+    `store_adapter` adds the id, the time, and the rank and alpha of the saved layers to the metadata."""
     meta = {
-        "id": library.new_adapter_id(), "name": config.name, "token": config.token, "class_noun": config.class_noun,
+        "name": config.name, "token": config.token, "class_noun": config.class_noun,
         "instance_prompt": config.instance_prompt, "class_prompt": config.class_prompt,
-        "base_model": model.name, "fingerprint": model.fingerprint, "rank": config.rank, "alpha": config.lora_alpha,
+        "base_model": model.name, "fingerprint": model.fingerprint,
         "steps": config.steps, "prior_weight": config.prior_weight, "num_class_images": config.num_class_images,
         "text_encoder": config.text_encoder, "train_token_embedding": bool(config.train_token_embedding),
         "resolution": config.resolution, "lr": config.lr, "loraplus_ratio": config.loraplus_ratio,
-        "seed": config.seed, "created": time.time(), "job": job_id, "final_loss": losses[-1] if losses else None,
+        "seed": config.seed, "job": job_id, "final_loss": losses[-1] if losses else None,
         "prompt_similarity": round(trainables.separation, 4), "studio_version": __version__,
     }
-    staging = library.staging_folder()
-    try:
-        with atomic_path(staging / "adapter.safetensors") as tmp:
-            write_adapter_file(tmp, trainables.tensors(), meta, config.rank, config.lora_alpha)
-        fault_point("saving")  # the adapter file is in its staging folder, not yet in the library
-        return library.add_adapter(staging, meta)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return store_adapter(library, AdapterFile.from_tensors(trainables.tensors(), meta, config.lora_alpha))
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from dreambooth_lora.adapter_file import AdapterFile, write_adapter
 from dreambooth_lora.cli import main
 from dreambooth_lora.config import TrainConfig
 from dreambooth_lora.jobs import Jobs, JobStatus
 from dreambooth_lora.library import Library
-from dreambooth_lora.lora import attach_unet_lora, collect_adapter_tensors, write_adapter_file
+from dreambooth_lora.lora import attach_unet_lora, collect_adapter_tensors
 from dreambooth_lora.models import build_tiny_random
 
 
@@ -45,7 +46,7 @@ def add_untrained_adapter(library: Library, name: str, fingerprint: str | None =
     meta = {"id": library.new_adapter_id(), "name": name, "token": "sks", "class_noun": "dog",
             "base_model": model.name, "fingerprint": fingerprint or model.fingerprint, "rank": 4, "alpha": 4.0}
     staging = library.staging_folder()
-    write_adapter_file(staging / "adapter.safetensors", collect_adapter_tensors(model.unet), meta, 4, 4.0)
+    write_adapter(staging / "adapter.safetensors", AdapterFile.from_tensors(collect_adapter_tensors(model.unet), meta, 4.0))
     return library.add_adapter(staging, meta)
 
 
@@ -141,6 +142,19 @@ def test_bad_images_refused(capsys, subject_images, cli_dirs, tmp_path):
     assert Jobs(Library(cli_dirs[1])).list() == []
 
 
+def test_tiny_and_extreme_photos_refused_in_one_message(capsys, subject_images, cli_dirs, tmp_path):
+    for name, size in (("dot.png", (1, 1)), ("icon.png", (8, 8)), ("strip.png", (4000, 10))):
+        Image.new("RGB", size, (90, 120, 150)).save(tmp_path / name)
+    bad = [tmp_path / "dot.png", tmp_path / "icon.png", tmp_path / "strip.png"]
+    # tiny-random trains at 64 px: the rule is a shorter side of at least 32 px and at most 4:1
+    assert_refused(capsys, train_args(subject_images + bad, *cli_dirs), "dot.png: 1x1 px", "icon.png: 8x8 px",
+                   "strip.png: 4000x10 px", "below 32 px (half the 64 px training resolution)", "4:1")
+    # --resolution sets the rule: at 128 px the 40x36 photos themselves are too small
+    assert_refused(capsys, train_args(subject_images, *cli_dirs, "--resolution", 128),
+                   "photo0.png: 40x36 px", "photo2.png", "below 64 px")
+    assert Jobs(Library(cli_dirs[1])).list() == []
+
+
 @pytest.mark.parametrize(
     "extra,named",
     [
@@ -173,10 +187,11 @@ def test_train_needs_images_token_and_class(capsys, cli_dirs):
         ("{tmp}/plain-folder", ["plain-folder", "model_index.json"]),
     ],
 )
-def test_unusable_base_model_refused(capsys, subject_images, cli_dirs, tmp_path, base_model, named):
+def test_unusable_base_model_refused(capsys, make_subject_images, cli_dirs, tmp_path, base_model, named):
     (tmp_path / "model.safetensors").write_bytes(b"x")
     (tmp_path / "plain-folder").mkdir()
-    argv = train_args(subject_images, *cli_dirs, "--base-model", base_model.format(tmp=tmp_path))
+    photos = make_subject_images(3, size=(256, 256))  # big enough for a real model's 512 px, so the model is what fails
+    argv = train_args(photos, *cli_dirs, "--base-model", base_model.format(tmp=tmp_path))
     assert_refused(capsys, argv, *named)
     jobs = Jobs(Library(cli_dirs[1])).list()
     assert [job.status for job in jobs] == ["failed"]  # the job is recorded as failed, not left running

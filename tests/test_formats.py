@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dreambooth_lora.cli import main
-from dreambooth_lora.formats import export_adapter, import_adapter, kohya_name, read_adapter, sidecar_path
+from dreambooth_lora.adapter_file import read_adapter
+from dreambooth_lora.formats import export_adapter, import_adapter, kohya_name, sidecar_path
 from dreambooth_lora.generate import AdapterSession, GenerateSettings
 from dreambooth_lora.library import Library
 from dreambooth_lora.models import load_base_model
@@ -61,7 +62,7 @@ def same_images(left, right) -> bool:
 
 def test_kohya_export_keys_metadata_and_sidecar(root, tmp_path):
     entry = Library(root).get("a")
-    out = export_adapter(entry, "kohya", str(tmp_path / "a.safetensors"))
+    out, _ = export_adapter(entry, "kohya", str(tmp_path / "a.safetensors"))
     tensors = load_file(out)
     # the names ComfyUI (comfy/lora.py model_lora_keys_clip / model_lora_keys_unet) and A1111 map for SD 1.x
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in tensors
@@ -85,7 +86,7 @@ def test_kohya_export_keys_metadata_and_sidecar(root, tmp_path):
 
 def test_bundled_embedding_keys_break_diffusers_loading(root, tmp_path):
     """Why the embedding goes in a sidecar: diffusers rejects a kohya file holding bundle_emb keys."""
-    out = export_adapter(Library(root).get("a"), "kohya", str(tmp_path / "a.safetensors"))
+    out, _ = export_adapter(Library(root).get("a"), "kohya", str(tmp_path / "a.safetensors"))
     tensors = load_file(out)
     tensors["bundle_emb.sks.string_to_param.*"] = torch.zeros(1, 32)
     save_file(tensors, str(tmp_path / "bundled.safetensors"))
@@ -96,7 +97,7 @@ def test_bundled_embedding_keys_break_diffusers_loading(root, tmp_path):
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_export_loads_in_a_fresh_pipeline_with_every_module(model, root, tmp_path, fmt):
     entry = Library(root).get("a")
-    out = export_adapter(entry, fmt, str(tmp_path / f"a.{fmt}.safetensors"))
+    out, _ = export_adapter(entry, fmt, str(tmp_path / f"a.{fmt}.safetensors"))
     fresh, injected = fresh_pipeline_images(out, PLAIN)
     assert injected == len(read_adapter(entry.file).layers) == 40
     assert same_images(fresh, session_images(model, entry, PLAIN))
@@ -127,10 +128,10 @@ def test_peft_import_with_and_without_config(model, root, tmp_path):
     folder = tmp_path / "peft"
     folder.mkdir()
     save_file(tensors, str(folder / "adapter_model.safetensors"))
-    bare = import_adapter(library, folder / "adapter_model.safetensors", "peft-bare", "builtin:tiny-random", "", "")
+    bare, _ = import_adapter(library, folder / "adapter_model.safetensors", "peft-bare", "builtin:tiny-random", "", "")
     assert {layer.alpha for layer in read_adapter(bare.file).layers.values()} == {4.0}  # no config: alpha = rank
     (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "peft_type": "LORA"}))
-    entry = import_adapter(library, folder / "adapter_model.safetensors", "peft-a", "builtin:tiny-random", "", "dog")
+    entry, _ = import_adapter(library, folder / "adapter_model.safetensors", "peft-a", "builtin:tiny-random", "", "dog")
     imported = read_adapter(entry.file).layers
     assert set(imported) == {f"unet.{m}" for m in unet_layers}
     for module, layer in unet_layers.items():
@@ -139,8 +140,8 @@ def test_peft_import_with_and_without_config(model, root, tmp_path):
 
 def test_diffusers_import_keeps_everything(model, root, tmp_path):
     library = Library(root)
-    out = export_adapter(library.get("a"), "diffusers", str(tmp_path / "a-diffusers.safetensors"))
-    entry = import_adapter(library, out, None, "builtin:tiny-random", "", "")
+    out, _ = export_adapter(library.get("a"), "diffusers", str(tmp_path / "a-diffusers.safetensors"))
+    entry, _ = import_adapter(library, out, None, "builtin:tiny-random", "", "")
     assert entry.name == "a-diffusers" and entry.token == "sks"  # name from the file, token from our metadata
     original, imported = read_adapter(library.get("a").file), read_adapter(entry.file)
     assert imported.layers.keys() == original.layers.keys() and imported.embeddings.keys() == original.embeddings.keys()
@@ -148,7 +149,7 @@ def test_diffusers_import_keeps_everything(model, root, tmp_path):
 
 
 def _bad_files(root, tmp_path):
-    tensors = load_file(export_adapter(Library(root).get("a"), "kohya", str(tmp_path / "good.safetensors")))
+    tensors = load_file(export_adapter(Library(root).get("a"), "kohya", str(tmp_path / "good.safetensors"))[0])
     unknown = dict(tensors, **{"lora_unet_nonexistent_block_to_q.lora_down.weight": torch.zeros(4, 16)})
     shapes = dict(tensors)
     shapes["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"] = torch.zeros(4, 99)
@@ -186,3 +187,75 @@ def test_export_refusals_exit_2(root, tmp_path, capsys):
     assert "No adapter named 'nosuch'" in capsys.readouterr().err
     assert main(["library", "--data-root", str(root), "export", "a", "--out", str(tmp_path / "a.ckpt")]) == 2
     assert "must end in .safetensors" in capsys.readouterr().err
+
+
+# ----- our own trained adapter, exported as kohya and imported back without --base-model -----
+
+@pytest.fixture(scope="module")
+def trained_root(tmp_path_factory, session_subject_images, session_prior_dir):
+    """A real training run on builtin:tiny-random (identifier embedding on, the built-ins' default)."""
+    root = tmp_path_factory.mktemp("trained")
+    argv = ["train", "--images", *map(str, session_subject_images), "--token", "sks", "--class-noun", "dog",
+            "--base-model", "builtin:tiny-random", "--steps", "10", "--num-class-images", "2", "--name", "trained",
+            "--data-root", str(root), "--prior-dir", str(session_prior_dir), "--quiet"]
+    assert main(argv) == 0
+    assert Library(root).get("trained").meta["train_token_embedding"] is True
+    return root
+
+
+def test_kohya_export_imports_without_base_model_and_gives_the_same_images(model, trained_root, tmp_path, capsys):
+    root = str(trained_root)
+    out = tmp_path / "trained.kohya.safetensors"
+    assert main(["library", "--data-root", root, "export", "trained", "--format", "kohya", "--out", str(out)]) == 0
+    assert "note: The identifier embedding ('sks') is in" in capsys.readouterr().err  # export says where it went
+    with safe_open(str(out), "pt") as handle:
+        assert handle.metadata()["ss_sd_model_name"] == "builtin:tiny-random"
+    assert main(["library", "--data-root", root, "import", str(out), "--name", "trained-back"]) == 0  # no --base-model
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["notes"] == [] and "note:" not in captured.err
+    library = Library(trained_root)
+    back = library.get("trained-back")
+    assert back.base_model == "builtin:tiny-random" and back.fingerprint == model.fingerprint
+    assert back.meta["train_token_embedding"] is True  # the sidecar beside the file was picked up
+    assert same_images(session_images(model, back, SETTINGS), session_images(model, library.get("trained"), SETTINGS))
+
+
+def test_kohya_import_without_its_sidecar_says_the_embedding_is_missing(model, trained_root, tmp_path, capsys):
+    root = str(trained_root)
+    out = tmp_path / "alone" / "trained.kohya.safetensors"
+    assert main(["library", "--data-root", root, "export", "trained", "--format", "kohya", "--out", str(out)]) == 0
+    capsys.readouterr()
+    sidecar = sidecar_path(out)
+    moved = sidecar.rename(tmp_path / "elsewhere.safetensors")
+    assert main(["library", "--data-root", root, "import", str(out), "--name", "no-embedding"]) == 0
+    captured = capsys.readouterr()
+    assert f"note: trained.kohya.safetensors was trained with an identifier embedding for 'sks', but it is not in the file " \
+           f"and no {sidecar.name} was found beside it" in captured.err
+    assert len(json.loads(captured.out)["notes"]) == 1
+    assert Library(trained_root).get("no-embedding").meta["identifier_embedding_missing"] is True
+    # given as --embedding, the same sidecar from elsewhere completes the adapter
+    assert main(["library", "--data-root", root, "import", str(out), "--name", "with-embedding", "--embedding", str(moved)]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == []
+    library = Library(trained_root)
+    original = session_images(model, library.get("trained"), SETTINGS)
+    assert same_images(session_images(model, library.get("with-embedding"), SETTINGS), original)
+    assert np.abs(session_images(model, library.get("no-embedding"), SETTINGS) - original).mean() > 1.0
+
+
+def test_import_names_a_base_model_that_is_not_here(root, tmp_path, capsys):
+    out, _ = export_adapter(Library(root).get("a"), "kohya", str(tmp_path / "a.safetensors"))
+    tensors = load_file(out)
+    save_file(tensors, str(tmp_path / "foreign.safetensors"), metadata={"ss_sd_model_name": "v1-5-pruned-emaonly.safetensors"})
+    assert main(["library", "--data-root", str(root), "import", str(tmp_path / "foreign.safetensors"), "--name", "never"]) == 2
+    err = capsys.readouterr().err
+    assert "was made for the base model 'v1-5-pruned-emaonly.safetensors', which is not available here; pass --base-model" in err
+    assert not Library(root).name_taken("never")
+
+
+def test_reexport_without_an_embedding_removes_the_old_sidecar(model, root, tmp_path):
+    library = Library(root)
+    plain = add_random_adapter(library, model, "no-token", "", rank=4, alpha=4.0, seed=9)  # no identifier embedding
+    out, notes = export_adapter(library.get("a"), "kohya", str(tmp_path / "x.safetensors"))
+    assert sidecar_path(out).exists() and "keep it beside x.safetensors" in notes[0]
+    out, notes = export_adapter(plain, "kohya", str(tmp_path / "x.safetensors"))
+    assert not sidecar_path(out).exists() and notes == []  # else import would pair a's embedding with this file

@@ -12,7 +12,16 @@ import pytest
 from PIL import Image
 
 from dreambooth_lora.errors import UserError
-from dreambooth_lora.images import MAX_IMAGES, expand_image_paths, load_subject_images, prepare_image, read_image
+from dreambooth_lora.images import (
+    MAX_IMAGES,
+    check_subject_photos,
+    expand_image_paths,
+    load_subject_images,
+    photo_problem,
+    prepare_image,
+    read_image,
+    size_problem,
+)
 
 
 def halves(path: Path, top=(255, 0, 0), bottom=(0, 0, 255), size=32, **save) -> Path:
@@ -136,3 +145,42 @@ def test_bad_files_are_named(tmp_path):
     with pytest.raises(UserError) as caught:
         load_subject_images([tmp_path / "empty.png", tmp_path / "full.png", tmp_path / "notes.png"], 16)
     assert "empty.png" in str(caught.value) and "notes.png" in str(caught.value) and "full.png" not in str(caught.value)
+
+
+# ----- sizes: tiny or extreme photos are refused at the training resolution -----
+
+def test_tiny_and_extreme_photos_are_refused_in_one_message(make_subject_images, tmp_path):
+    good = make_subject_images(3)
+    for name, size in (("dot.png", (1, 1)), ("icon.png", (8, 8)), ("strip.png", (4000, 10))):
+        Image.new("RGB", size, (90, 120, 150)).save(tmp_path / name)
+    bad = [tmp_path / "dot.png", tmp_path / "icon.png", tmp_path / "strip.png"]
+    with pytest.raises(UserError) as caught:
+        check_subject_photos([*good, *bad], 64)
+    message = str(caught.value)
+    assert "dot.png: 1x1 px: its shorter side is below 32 px (half the 64 px training resolution)." in message
+    assert "icon.png: 8x8 px: its shorter side is below 32 px" in message
+    assert "strip.png: 4000x10 px: its shorter side is below 32 px (half the 64 px training resolution) " \
+           "and its sides are further apart than 4:1." in message
+    assert "photo" not in message  # the three good photos are not named
+    with pytest.raises(UserError, match="icon.png: 8x8 px"):
+        load_subject_images([*good, *bad], 64)  # training applies the same rules
+
+
+def test_size_rules_at_their_limits(tmp_path):
+    assert size_problem("a.png", 32, 32, 64) is None and size_problem("a.png", 31, 40, 64) is not None
+    assert size_problem("a.png", 400, 100, 64) is None  # exactly 4:1 is allowed
+    assert "further apart than 4:1" in size_problem("a.png", 401, 100, 64)
+    assert size_problem("a.png", 8, 8, None) is None  # no known size: only the aspect rule
+    Image.new("RGB", (40, 36)).save(tmp_path / "ok.png")
+    assert photo_problem(tmp_path / "ok.png", 64) is None
+    assert photo_problem(tmp_path / "ok.png", 512) == "ok.png: 40x36 px: its shorter side is below 256 px " \
+                                                        "(half the 512 px training resolution)."
+
+
+def test_native_resolution_needs_no_model_load():
+    from dreambooth_lora.models import load_base_model, native_resolution
+
+    assert native_resolution("builtin:tiny-random") == load_base_model("builtin:tiny-random").native_resolution == 64
+    assert native_resolution("builtin:tiny-world") == 32
+    assert native_resolution("runwayml/stable-diffusion-v1-5") == native_resolution("/some/folder") == 512
+    assert native_resolution("builtin:nope") is None

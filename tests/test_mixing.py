@@ -1,7 +1,7 @@
 """Mixing and resize: the maths against hand computations, then images on builtin:tiny-random.
 
 Adapters are built with random non-zero A and B on every UNet and text-encoder target plus an
-identifier embedding (written by lora.write_adapter_file, as training does), so every part shows in the images.
+identifier embedding (written by adapter_file.write_adapter, as training does), so every part shows in the images.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import torch
 
 from dreambooth_lora.cli import main
 from dreambooth_lora.errors import UserError
-from dreambooth_lora.formats import model_linear_shapes, read_adapter
+from dreambooth_lora.adapter_file import EMBEDDING_PREFIX, AdapterFile, read_adapter, write_adapter
+from dreambooth_lora.formats import model_linear_shapes
 from dreambooth_lora.generate import AdapterSession, GenerateSettings
 from dreambooth_lora.library import Library
-from dreambooth_lora.lora import EMBEDDING_PREFIX, TEXT_ENCODER_TARGETS, UNET_TARGETS, write_adapter_file
+from dreambooth_lora.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from dreambooth_lora.mixing import cat_factors, linear_factors, mix_adapters, mix_deltas
 from dreambooth_lora.resize import energy, format_rank_report, min_rank_for_energy, rank_report, resize_adapter, svd_factorize
 
@@ -99,7 +100,7 @@ def add_random_adapter(library, model, name, token, rank, alpha, seed, unet=True
     meta = {"id": library.new_adapter_id(), "name": name, "token": token, "class_noun": "dog",
             "base_model": model.name, "fingerprint": fingerprint or model.fingerprint, "rank": rank, "alpha": alpha, "steps": 10}
     staging = library.staging_folder()
-    write_adapter_file(staging / "adapter.safetensors", tensors, meta, rank, alpha)
+    write_adapter(staging / "adapter.safetensors", AdapterFile.from_tensors(tensors, meta, alpha))
     return library.add_adapter(staging, meta)
 
 

@@ -13,6 +13,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from dreambooth_lora import train
+from dreambooth_lora.adapter_file import read_adapter
 from dreambooth_lora.config import TrainConfig
 from dreambooth_lora.errors import UserError
 from dreambooth_lora.generate import AdapterSession
@@ -22,7 +23,6 @@ from dreambooth_lora.lora import (
     TokenEmbedding,
     attach_text_encoder_lora,
     attach_unet_lora,
-    read_adapter_file,
 )
 from dreambooth_lora.losses import prior_preservation_loss
 from dreambooth_lora.models import build_tiny_random
@@ -162,7 +162,7 @@ def test_saved_adapter_reloads_to_the_trained_outputs(trained, session_subject_i
     library, result, model = trained
     entry = library.get("subject")
     assert entry.id == result.adapter.id and entry.fingerprint == model.fingerprint
-    adapter = read_adapter_file(entry.file)
+    adapter = read_adapter(entry.file)
     file_modules = {key.split(".lora_")[0] for key in adapter.lora_only()}
     assert len(adapter.unet_tensors) > 0 and len(adapter.text_encoder_tensors) > 0 and adapter.embedding_tensors
 
@@ -196,7 +196,7 @@ def test_saved_adapter_reloads_to_the_trained_outputs(trained, session_subject_i
 
 def test_adapter_file_records_the_run(trained):
     library, result, model = trained
-    meta = read_adapter_file(library.get("subject").file).meta
+    meta = read_adapter(library.get("subject").file).meta
     assert meta["token"] == "sks" and meta["base_model"] == "builtin:tiny-random"
     assert meta["fingerprint"] == model.fingerprint and meta["steps"] == 30 and meta["rank"] == 8
     assert meta["text_encoder"] == "lora" and meta["train_token_embedding"] is True
@@ -213,7 +213,7 @@ def test_corrupt_adapter_file_is_a_user_error(tmp_path, trained):
         path = tmp_path / f"{label}.safetensors"
         path.write_bytes(content)
         with pytest.raises(UserError, match=f"{label}.safetensors: not a readable safetensors file"):
-            read_adapter_file(path)
+            read_adapter(path)
 
 
 # ----- QLoRA -----
@@ -255,7 +255,7 @@ def test_qlora_trains_lora_and_leaves_4bit_weights_alone(tmp_path, session_subje
         assert not module.weight.requires_grad
     lora_b = [p for n, p in encoder.named_parameters() if "lora_B" in n]
     assert len(lora_b) == encoder.config.num_hidden_layers * 4 and all(p.abs().max() > 0 for p in lora_b)  # B moved from 0
-    saved = read_adapter_file(library.get("q").file)
+    saved = read_adapter(library.get("q").file)
     assert len(saved.text_encoder_tensors) == 2 * len(lora_b)
     assert all(v.dtype == torch.float32 for v in saved.tensors.values())
     assert len(library.get("q").samples) == train.SAMPLE_COUNT  # sampling ran on the 4-bit encoder too
@@ -291,7 +291,7 @@ def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(t
     assert resumed.losses == whole.losses  # losses before the stop come from the checkpoint
     assert not (Jobs(library).folder(job) / "checkpoint.safetensors").exists()  # done: no stale checkpoint
 
-    left, right = read_adapter_file(whole.adapter.file).tensors, read_adapter_file(resumed.adapter.file).tensors
+    left, right = read_adapter(whole.adapter.file).tensors, read_adapter(resumed.adapter.file).tensors
     assert left.keys() == right.keys()
     worst = max((left[k] - right[k]).abs().max().item() for k in left)
     assert worst == 0.0, f"resumed adapter differs from the uninterrupted one by {worst}"
@@ -305,7 +305,7 @@ def test_a_run_depends_on_its_seed_alone_not_on_what_ran_before_in_the_process(t
         torch.manual_seed(global_seed)  # e.g. the studio's worker ran other jobs before this one
         result = run_training(library, create_job(library, tiny_config(name, steps=2), session_subject_images),
                               session_prior_dir)
-        adapters.append(read_adapter_file(result.adapter.file).tensors)
+        adapters.append(read_adapter(result.adapter.file).tensors)
     left, right = adapters
     assert left.keys() == right.keys()
     assert all(torch.equal(left[k], right[k]) for k in left)
