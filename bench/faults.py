@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from dreambooth_lora.checkpoint import checkpoint_step  # noqa: E402
 from dreambooth_lora.jobs import Jobs, JobStatus  # noqa: E402
 from dreambooth_lora.library import Library  # noqa: E402
-from dreambooth_lora.lora import read_adapter_file  # noqa: E402
+from dreambooth_lora.adapter_file import read_adapter  # noqa: E402
 
 STEPS, EVERY, CLASS_IMAGES, RESOLUTION = 24, 5, 4, 32
 PHASE_OF_POINT = {"class_images": {"class_images"}, "step": {"training"}, "checkpoint": {"checkpoint"},
@@ -143,7 +143,7 @@ def check_library(data: Path) -> list[str]:
         if entry.folder.name.startswith("."):
             failures.append(f"listed adapter lives in {entry.folder.name}")
         try:
-            tensors = read_adapter_file(entry.file).tensors
+            tensors = read_adapter(entry.file).tensors
             if not tensors:
                 failures.append(f"{entry.name}: empty adapter file")
         except Exception as error:  # noqa: BLE001 - any unreadable listed file is a failure to report
