@@ -180,3 +180,26 @@ def test_two_worker_processes_run_each_of_six_jobs_exactly_once(library, jobs, p
     runners = {jobs.get(job_id).runner.pid for job_id in queued}
     assert runners <= {worker.pid for worker in workers}
     assert sorted(e.name for e in library.list()) == [f"job{i}" for i in range(6)]
+
+
+def test_a_data_root_from_before_the_jobs_module_is_converted(tmp_path):
+    import json
+    import sqlite3
+
+    root = tmp_path / "old"
+    root.mkdir()
+    with sqlite3.connect(root / "library.db") as db:  # the schema the library had before jobs.py
+        db.executescript("""
+            CREATE TABLE jobs (id TEXT PRIMARY KEY, status TEXT NOT NULL, params TEXT NOT NULL, phase TEXT,
+              step INTEGER DEFAULT 0, total INTEGER DEFAULT 0, losses TEXT DEFAULT '[]', message TEXT DEFAULT '',
+              error TEXT, adapter_id TEXT, worker_pid INTEGER, heartbeat REAL, cancel_requested INTEGER DEFAULT 0,
+              created REAL, updated REAL);""")
+        config = TrainConfig(token="sks", class_noun="box", base_model="builtin:tiny-random", name="old").to_dict()
+        for job_id, status in (("a", "done"), ("b", "running")):
+            db.execute("INSERT INTO jobs (id, status, params, phase, step, total, losses, created, updated) "
+                       "VALUES (?, ?, ?, ?, 3, 8, '[1.0, 0.5, 0.25]', 1.0, 2.0)",
+                       (job_id, status, json.dumps({"config": config}), status))
+    jobs = Jobs(Library(root))
+    done, was_running = jobs.get("a"), jobs.get("b")
+    assert done.status == JobStatus.DONE and done.config == config and done.losses == [1.0, 0.5, 0.25]
+    assert was_running.status == JobStatus.INTERRUPTED and was_running.step == 3  # no runner survives an upgrade
