@@ -114,7 +114,7 @@ def one_kill(point: str, index: int, work: Path, photos: list[Path], rng: random
         if done.losses[: len(losses_at_checkpoint)] != losses_at_checkpoint:
             failures.append("the loss history before the checkpoint changed on resume")
         # Steps completed when killed: exact for an injected mid-step kill, else the last recorded step.
-        killed_at = nth - 1 if point == "step" else (job.step if job.phase == "training" else 0)
+        killed_at = nth - 1 if point == "step" else (job.step if job.phase in ("training", "checkpoint", "saving") else 0)
         lost = max(killed_at, resumed_from or 0) - (resumed_from or 0)
         row["steps_lost"] = lost
         if lost > EVERY:
