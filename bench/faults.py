@@ -166,8 +166,9 @@ def two_workers(work: Path, photos: list[Path]) -> dict:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
     for worker in workers:
         worker.wait()
-    runs = {job_id: (jobs.folder(job_id) / "log.txt").read_text().count("started on") for job_id in queued}
-    by_worker = {worker.pid: sum(jobs.get(j).runner.pid == worker.pid for j in queued) for worker in workers}
+    logs = {job_id: (jobs.folder(job_id) / "log.txt").read_text() for job_id in queued}
+    runs = {job_id: log.count("started on") for job_id, log in logs.items()}  # one line per claim
+    by_worker = {worker.pid: sum(f" pid {worker.pid}\n" in log for log in logs.values()) for worker in workers}
     return {"jobs": len(queued), "done": sum(jobs.get(j).status == JobStatus.DONE for j in queued),
             "runs_per_job": sorted(set(runs.values())), "jobs_per_worker": sorted(by_worker.values()),
             "adapters": len(Library(data).list())}

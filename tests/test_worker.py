@@ -177,8 +177,9 @@ def test_two_worker_processes_run_each_of_six_jobs_exactly_once(library, jobs, p
         job = jobs.get(job_id)
         assert job.status == JobStatus.DONE, (job_id, job.error)
         assert (job.folder / "log.txt").read_text().count("started on") == 1  # claimed once, by one worker
-    runners = {jobs.get(job_id).runner.pid for job_id in queued}
-    assert runners <= {worker.pid for worker in workers}
+    claimed_by = [{w.pid for w in workers if f"started on {jobs_module.HOST} pid {w.pid}\n" in (jobs.folder(j) / "log.txt").read_text()}
+                  for j in queued]
+    assert all(len(pids) == 1 for pids in claimed_by)  # each claimed by exactly one of the two workers
     assert sorted(e.name for e in library.list()) == [f"job{i}" for i in range(6)]
 
 
