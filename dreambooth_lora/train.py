@@ -222,7 +222,6 @@ def train_steps(run: Run, job_dir: Path, on_progress, should_stop, sample_every:
         on_progress(Progress("checkpoint", run.step, config.steps))
         save_checkpoint(run.checkpoint_path, run.trainables.tensors(), run.optimizer, run.generator, run.step, run.losses)
         last_checkpoint, checkpointed_step = time.monotonic(), run.step
-        on_progress(Progress("training", run.step, config.steps, run.losses[-1] if run.losses else None))  # written
 
     def checkpoint_due() -> bool:
         """Every checkpoint_every steps or checkpoint_seconds, whichever comes first; never at the last step."""
@@ -243,6 +242,7 @@ def train_steps(run: Run, job_dir: Path, on_progress, should_stop, sample_every:
             run.timings["step_ends"].append(time.perf_counter() - perf_started)
             if checkpoint_due():
                 checkpoint()
+                on_progress(Progress("training", run.step, config.steps, run.losses[-1]))  # written: training again
             if sample_every and run.step % sample_every == 0 and run.step < config.steps:
                 read_losses()
                 sample = job_dir / "samples" / f"step-{run.step:05d}.png"

@@ -174,9 +174,10 @@ def train_and_evaluate(run: Run, settings: Settings, work: Path) -> dict:
     """Train one adapter with the product's defaults (bar the settings' overrides) and score it."""
     from ..config import TrainConfig
     from ..generate import AdapterSession
+    from ..jobs import create_job
     from ..library import Library
     from ..models import load_base_model
-    from ..train import create_job, run_training
+    from ..train import run_training
     from . import world
 
     subject = world.SUBJECTS[run.subject]
