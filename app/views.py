@@ -167,6 +167,12 @@ def adapter_details(entry: AdapterEntry | None) -> str:
     if entry is None:
         return EMPTY_LIBRARY
     meta = entry.meta
+    mix = meta.get("mix")
+    if mix:  # a saved mix: its parts and weights tell its story; steps and the class prompt do not apply
+        parts = ", ".join(f"{part['name']} × {part['weight']:g}" for part in mix["parts"])
+        rows = [("mix of", parts), ("method", mix["method"]), ("base model", entry.base_model),
+                ("rank", entry.rank), ("size", f"{entry.size_bytes / 1024:.0f} KB"), ("id", entry.id)]
+        return f"### {entry.name}\n\n| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     rows = [("token", entry.token), ("class", entry.class_noun), ("base model", entry.base_model),
             ("rank / alpha", f"{entry.rank} / {entry.alpha:g}"), ("steps", entry.steps),
             ("prior weight λ", meta.get("prior_weight")), ("class images", meta.get("num_class_images")),

@@ -97,3 +97,10 @@ def test_a_failed_job_from_its_settings_offers_no_resume(tmp_path, subject_image
 def test_more_adapters_than_sliders_are_named_as_ignored():
     assert views.mix_note(["a", "b"], 4) == ""
     assert views.mix_note(list("abcde"), 4) == "Only the first 4 adapters are used; ignored: e."
+
+
+def test_a_mix_shows_its_parts_and_weights(tmp_path):
+    mix = {"method": "cat", "rank": None, "parts": [{"name": "a", "id": "1", "weight": 0.8}, {"name": "b", "id": "2", "weight": -0.5}]}
+    entry = _library_with_adapter(tmp_path, "a-and-b", {"mix": mix, "steps": 0}).get("a-and-b")
+    text = views.adapter_details(entry)
+    assert "| mix of | a × 0.8, b × -0.5 |" in text and "| method | cat |" in text and "steps" not in text
