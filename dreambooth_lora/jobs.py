@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Callable
@@ -344,6 +344,20 @@ class Jobs:
             raise UserError(f"Job {job_id} changed meanwhile ({self.get(job_id).status}); try again.")
         self.log(job_id, f"queued again: {message}")
         return message
+
+    def again(self, job_id: str) -> str:
+        """Queue a new job with a finished job's settings and photos under a free name; returns its id."""
+        job = self.get(job_id)
+        if job.status not in FINISHED:
+            raise UserError(f"Job {job_id} is {job.status}; train it again once it has finished.")
+        photos = sorted((job.folder / "images").glob("*"))
+        if not photos:
+            raise UserError(f"Job {job_id} has lost its photos ({job.folder / 'images'}); start a new job instead.")
+        taken = {j.name for j in self.list()}  # a queued job's name is not in the library yet, but is spoken for
+        name, suffix = free_name(self.library, job.name), 2
+        while name in taken:
+            name, suffix = free_name(self.library, f"{job.name}-{suffix}"), suffix + 1
+        return self.create(replace(job.train_config(), name=name), photos)
 
     def delete(self, job_id: str) -> None:
         """Remove a finished job's row, photos and checkpoint (row first, so listings never show half of it)."""

@@ -122,6 +122,19 @@ def test_cancel_stops_the_job_and_saves_no_adapter(library, jobs, prior_dir):
     assert not jobs.folder(queued).exists() and queued not in {j.id for j in jobs.list()}
 
 
+def test_train_again_queues_the_same_settings_and_photos_under_a_free_name(library, jobs):
+    first = jobs.create(config("again", 3, rank=4), IMAGES)
+    with pytest.raises(UserError, match="once it has finished"):
+        jobs.again(first)
+    jobs.cancel(first)
+    second = jobs.again(first)
+    copy = jobs.get(second)
+    assert copy.status == JobStatus.QUEUED and copy.name == "again-2"
+    assert {**copy.config, "name": "again"} == jobs.get(first).config
+    assert [p.read_bytes() for p in sorted((copy.folder / "images").iterdir())] == \
+        [p.read_bytes() for p in sorted((jobs.folder(first) / "images").iterdir())]
+
+
 def test_interrupted_job_resumes_from_its_checkpoint(library, jobs, prior_dir):
     job_id = jobs.create(config("resumed", 8, checkpoint_every=2), IMAGES)
     stop = threading.Event()  # what SIGTERM sets when the server shuts its worker down
@@ -199,6 +212,8 @@ def test_two_worker_processes_run_each_of_six_jobs_exactly_once(library, jobs, p
         job = jobs.get(job_id)
         assert job.status == JobStatus.DONE, (job_id, job.error)
         assert (job.folder / "log.txt").read_text().count("started on") == 1  # claimed once, by one worker
-    runners = {jobs.get(job_id).runner.pid for job_id in queued}
-    assert runners <= {worker.pid for worker in workers}
+    # each job trains in a child process of the worker that claimed it (the job's log names that worker)
+    claimed_by = {int(re.search(r"a child of worker pid (\d+)", (jobs.folder(j) / "log.txt").read_text()).group(1))
+                  for j in queued}
+    assert claimed_by <= {worker.pid for worker in workers}
     assert sorted(e.name for e in library.list()) == [f"job{i}" for i in range(6)]
