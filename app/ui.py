@@ -13,7 +13,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
-import pandas as pd
 from PIL import Image
 
 from app import views
@@ -97,10 +96,10 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
                 class_noun = gr.Textbox(label="Class noun", placeholder="dog", info="what the subject is",
                                         elem_id="train-class")
                 name = gr.Textbox(label="Subject name", placeholder="(default: token-class-date)", elem_id="train-name")
-            gr.Examples(
-                examples=[[[str(p) for p in subject_image_paths(n)], "sks", SUBJECTS[n].cls, n] for n in SUBJECTS],
-                inputs=[uploads, token, class_noun, name], label="Example subjects (tiny world, 32x32)",
-            )
+            subjects = list(SUBJECTS)
+            examples = gr.Gallery([(str(subject_image_paths(n)[0]), n) for n in subjects], columns=8, height=150,
+                                  label="Example subjects (tiny world, 32x32): pick one to fill the form",
+                                  allow_preview=False, interactive=False, fit_columns=False, elem_id="example-subjects")
             with gr.Row():
                 base_model = gr.Dropdown(builtin_names(), value=default_base_model(), allow_custom_value=True,
                                          label="Base model", info="a built-in, a hub id, a diffusers folder or a .safetensors file",
@@ -132,14 +131,17 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
                 start = gr.Button("Start training", variant="primary", elem_id="start-training")
             start_message = gr.Markdown(elem_id="start-message")
         with gr.Column(scale=2):
-            job_choice = gr.Dropdown(label="Job", choices=[], value=None, elem_id="job-choice")
+            # allow_custom_value: a tick in flight may carry a job just deleted (see the Library's adapter dropdown)
+            job_choice = gr.Dropdown(label="Job", choices=[], value=None, allow_custom_value=True, elem_id="job-choice")
             # empty until the first refresh: "no jobs" shown before the jobs are read would be wrong after a reload
             job_status = gr.Markdown("", elem_id="job-status")
-            loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=220, label="Loss")
+            loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Training loss", height=220, label="Loss",
+                                    elem_id="loss-plot")
             samples = gr.Gallery(label="Samples while training", columns=4, height=150, interactive=False, fit_columns=False)
             with gr.Row():
                 cancel = gr.Button("Cancel", variant="stop", visible=False, elem_id="cancel-job")
                 resume = gr.Button("Resume", visible=False, elem_id="resume-job")
+                again = gr.Button("Train again", visible=False, elem_id="train-again")
                 delete_job = gr.Button("Delete job", visible=False, elem_id="delete-job")
             job_message = gr.Markdown(elem_id="job-message")
     jobs_table = gr.Dataframe(headers=views.JOB_COLUMNS, label="Jobs", interactive=False, elem_id="jobs-table")
@@ -149,6 +151,13 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
     for source in (uploads, base_model, resolution):
         source.change(check_uploads, [uploads, base_model, resolution], [previews, upload_notes])
     preset.change(lambda p: PRESETS[p]["rank"], preset, rank)
+
+    def example_picked(evt: gr.SelectData):
+        subject = subjects[evt.index]
+        return {uploads: [str(p) for p in subject_image_paths(subject)], token: "sks", class_noun: SUBJECTS[subject].cls,
+                name: subject}
+
+    examples.select(example_picked, None, {uploads, token, class_noun, name})
 
     form = [token, class_noun, name, base_model, preset, steps, rank, alpha, prior_weight, num_class_images, lr,
             resolution, text_encoder, loraplus, seed, token_embedding, checkpoint_every]
@@ -165,7 +174,7 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
 
     start.click(start_clicked, [uploads, *form], {start_message, job_choice})
 
-    job_outputs = {jobs_table, job_choice, job_status, loss_plot, samples, cancel, resume, delete_job, seen}
+    job_outputs = {jobs_table, job_choice, job_status, loss_plot, samples, cancel, resume, again, delete_job, seen}
 
     def refresh(selected, last_seen):
         jobs = Jobs(library)
@@ -183,21 +192,21 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
         """Status text, loss plot, samples and which buttons apply, for one job (None: there are none)."""
         if job is None:
             return {job_status: views.NO_JOBS, loss_plot: None, samples: [], cancel: gr.update(visible=False),
-                    resume: gr.update(visible=False), delete_job: gr.update(visible=False)}
-        losses = pd.DataFrame({"step": range(1, len(job.losses) + 1), "loss": job.losses})
+                    resume: gr.update(visible=False), again: gr.update(visible=False), delete_job: gr.update(visible=False)}
         sample_files = sorted((job.folder / "samples").glob("step-*.png"))
         return {
-            job_status: views.job_text(Jobs(library), job), loss_plot: losses if len(losses) else None,
+            job_status: views.job_text(Jobs(library), job), loss_plot: views.loss_frame(job.losses),
             samples: [(str(p), f"step {int(p.stem.split('-')[1])}") for p in sample_files],
             cancel: gr.update(visible=job.status in (JobStatus.QUEUED, JobStatus.RUNNING)),
             resume: gr.update(visible=job.resumable),
-            delete_job: gr.update(visible=job.status in FINISHED),
+            again: gr.update(visible=job.status in FINISHED), delete_job: gr.update(visible=job.status in FINISHED),
         }
 
     timer.tick(refresh, [job_choice, seen], job_outputs, show_progress="hidden")
     demo.load(lambda s: refresh(s, None), [job_choice], job_outputs, show_progress="hidden")
-    job_choice.change(lambda s: {**refresh(s, None), job_message: ""}, [job_choice], job_outputs | {job_message},
-                      show_progress="hidden")
+    # .input: a person's pick (a refresh that moves the selection must not wipe the message of a Delete)
+    job_choice.input(lambda s: {**refresh(s, None), job_message: ""}, [job_choice], job_outputs | {job_message},
+                     show_progress="hidden")
 
     @shows_errors(job_message)
     def cancel_clicked(job_id):
@@ -213,7 +222,15 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
         return {job_message: f"Deleted job {job_id} (its photos and checkpoint; its adapter stays in the Library).",
                 seen: None}
 
+    @shows_errors(job_message)
+    def again_clicked(job_id):
+        jobs = Jobs(library)
+        new_id = jobs.again(job_id)
+        return {job_message: f"Queued **{jobs.get(new_id).name}** as job `{new_id}` with the same settings and photos.",
+                seen: None}
+
     cancel.click(cancel_clicked, job_choice, {job_message, seen})
+    again.click(again_clicked, job_choice, {job_message, seen})
     resume.click(resume_clicked, job_choice, {job_message, seen})
     delete_job.click(delete_clicked, job_choice, {job_message, seen})
 
@@ -241,13 +258,16 @@ def _image_problem(path, resolution: int | None) -> str | None:
 # ----------------------------------------------------------------------------- Library
 def library_tab(library: Library, timer: gr.Timer):
     """Returns the listing's signature state: other tabs clear it to redraw the library after adding adapters."""
-    gallery = gr.Gallery(label="Adapters", columns=6, height=220, allow_preview=False, interactive=False, fit_columns=False,
-                         elem_id="library-gallery")
+    # height "auto": a fixed height cut off the second row of thumbnails from 9 adapters on
+    gallery = gr.Gallery(label="Adapters", columns=6, height="auto", allow_preview=False, interactive=False,
+                         fit_columns=False, elem_id="library-gallery")
     table = gr.Dataframe(headers=["name", "token", "class", "base model", "rank", "steps", "created", "size"],
                          interactive=False, label="Adapters", elem_id="library-table")
     with gr.Row():
         with gr.Column(scale=2):
-            chosen = gr.Dropdown(label="Adapter", choices=[], value=None, elem_id="library-choice")
+            # allow_custom_value: an event already on its way with a name that a rename or delete just removed from
+            # the choices is otherwise refused by Gradio with a traceback; the handlers treat unknown names themselves
+            chosen = gr.Dropdown(label="Adapter", choices=[], value=None, allow_custom_value=True, elem_id="library-choice")
             details = gr.Markdown(elem_id="library-details")
             adapter_samples = gr.Gallery(label="Samples", columns=4, height=140, interactive=False)
         with gr.Column(scale=2):
@@ -303,6 +323,7 @@ def library_tab(library: Library, timer: gr.Timer):
 
     chosen.change(show, chosen, {details, adapter_samples, confirm_box, export_file})
     gallery.select(_select_by_index(library), None, chosen)
+    table.select(_select_by_index(library), None, chosen)  # a row of the table picks its adapter too
 
     @shows_errors(action_message)
     def do_rename(name, new):
@@ -354,9 +375,12 @@ def library_tab(library: Library, timer: gr.Timer):
 
 
 def _select_by_index(library: Library):
+    """The adapter at a gallery index or a table cell's row, both listed newest first as library.list()."""
+
     def select(evt: gr.SelectData):
         entries = library.list()
-        return entries[evt.index].name if evt.index < len(entries) else gr.skip()
+        index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        return entries[index].name if index < len(entries) else gr.skip()
 
     return select
 
@@ -383,8 +407,10 @@ def generate_tab(library: Library, cache: ModelCache, timer: gr.Timer, library_s
             prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks dog on the moon", elem_id="gen-prompt")
             hints = gr.Markdown(elem_id="gen-hints")
             negative = gr.Textbox(label="Negative prompt")
+            # allow_custom_value: an adapter deleted or renamed elsewhere must not make every later event fail;
+            # an unknown name is refused with a sentence when generating
             picker = gr.Dropdown(label=f"Adapters (up to {MAX_MIX})", choices=[], multiselect=True, max_choices=MAX_MIX,
-                                 elem_id="gen-adapters")
+                                 allow_custom_value=True, elem_id="gen-adapters")
             sliders = [gr.Slider(-1, 2, value=1.0, step=0.05, label=f"weight {i + 1}", visible=False,
                                  elem_id=f"gen-weight-{i}") for i in range(MAX_MIX)]
             base_model = gr.Dropdown(builtin_names(), value=default_base_model(), allow_custom_value=True,
@@ -424,13 +450,7 @@ def generate_tab(library: Library, cache: ModelCache, timer: gr.Timer, library_s
         chosen = chosen or []
         updates = [gr.update(visible=i < len(chosen), label=f"{chosen[i]} weight" if i < len(chosen) else f"weight {i + 1}")
                    for i in range(MAX_MIX)]
-        hint_lines = []
-        for name in chosen:
-            if library.name_taken(name):
-                entry = library.get(name)
-                if entry.token:
-                    hint_lines.append(f"`{entry.token}` ({entry.class_noun}) — e.g. *a photo of {entry.token} {entry.class_noun}*")
-        hint = "Tokens: " + "; ".join(hint_lines) if hint_lines else ""
+        hint = views.prompt_hints([library.get(n) for n in chosen if library.name_taken(n)])
         return ["\n\n".join(line for line in (hint, views.mix_note(chosen, MAX_MIX)) if line), *updates]
 
     picker.change(chosen_changed, picker, [hints, *sliders])

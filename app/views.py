@@ -115,6 +115,27 @@ def jobs_frame(jobs: list[Job]) -> pd.DataFrame:
     )
 
 
+SMOOTHING = 0.9  # exponential moving average of the loss, as TensorBoard's default smoothing slider
+
+
+def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    """Exponential moving average, debiased as in Adam so the first points are not pulled towards 0."""
+    out, average = [], 0.0
+    for index, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**index))
+    return out
+
+
+def loss_frame(losses: list[float]) -> pd.DataFrame | None:
+    """The loss plot's data: the raw loss per step and its smoothed curve, as two series."""
+    if not losses:
+        return None
+    steps = list(range(1, len(losses) + 1))
+    return pd.DataFrame({"step": steps * 2, "loss": list(losses) + smoothed(losses),
+                         "series": ["raw"] * len(losses) + ["smoothed"] * len(losses)})
+
+
 def job_text(jobs: Jobs, job: Job | None) -> str:
     """The job panel's Markdown: name, status and progress, and the line that says what happens next."""
     if job is None:
@@ -169,8 +190,7 @@ def adapter_details(entry: AdapterEntry | None) -> str:
     meta = entry.meta
     mix = meta.get("mix")
     if mix:  # a saved mix: its parts and weights tell its story; steps and the class prompt do not apply
-        parts = ", ".join(f"{part['name']} × {part['weight']:g}" for part in mix["parts"])
-        rows = [("mix of", parts), ("method", mix["method"]), ("base model", entry.base_model),
+        rows = [("mix of", mix_parts(entry)), ("method", mix["method"]), ("base model", entry.base_model),
                 ("rank", entry.rank), ("size", f"{entry.size_bytes / 1024:.0f} KB"), ("id", entry.id)]
         return f"### {entry.name}\n\n| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     rows = [("token", entry.token), ("class", entry.class_noun), ("base model", entry.base_model),
@@ -188,6 +208,22 @@ def adapter_details(entry: AdapterEntry | None) -> str:
 
 
 # ----------------------------------------------------------------------------- Generate
+def mix_parts(entry: AdapterEntry) -> str | None:
+    mix = entry.meta.get("mix")
+    return ", ".join(f"{part['name']} × {part['weight']:g}" for part in mix["parts"]) if mix else None
+
+
+def prompt_hints(entries: list[AdapterEntry]) -> str:
+    """Which words call up each chosen adapter; a mix names its parts (its joined class nouns are no prompt)."""
+    lines = []
+    for entry in entries:
+        if mix_parts(entry):
+            lines.append(f"{entry.name} is a mix of {mix_parts(entry)}")
+        elif entry.token:
+            lines.append(f"`{entry.token}` ({entry.class_noun}) — e.g. *a photo of {entry.token} {entry.class_noun}*")
+    return "Tokens: " + "; ".join(lines) if lines else ""
+
+
 def mix_note(chosen: list[str], limit: int) -> str:
     """What happens to adapters past the limit of sliders: said, not silently dropped."""
     extra = list(chosen or [])[limit:]

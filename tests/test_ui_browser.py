@@ -127,7 +127,7 @@ def test_train_then_generate_in_the_browser(server):
             expect(page.get_by_text("DreamBooth-LoRA Studio").first).to_be_visible(timeout=30_000)
             assert "No jobs yet" not in page.locator("#job-status").inner_text()
             expect(page.locator("#job-status")).to_contain_text("done", timeout=30_000)
-            page.get_by_text("redyellow-ball").first.click()  # an example subject fills the form
+            page.locator("#example-subjects").get_by_text("redyellow-ball").click()  # a thumbnail fills the form
             expect(page.locator("#upload-notes")).to_contain_text("4 photos ready", timeout=30_000)
             expect(page.locator("#train-class").get_by_role("textbox")).to_have_value("ball")
 
@@ -198,6 +198,8 @@ def test_train_then_generate_in_the_browser(server):
             page.locator("#import-button").click()
             expect(page.locator("#library-message")).to_contain_text("Imported imported-box", timeout=60_000)
             expect(page.locator("#library-table")).to_contain_text("imported-box", timeout=30_000)
+            page.locator("#library-table").get_by_text("browser-box2", exact=True).click()  # a row picks its adapter
+            expect(page.locator("#library-details")).to_contain_text("browser-box2", timeout=30_000)
             choice = page.locator("#library-choice input")
             choice.click()
             page.get_by_role("option", name="browser-mix").click()
@@ -207,6 +209,15 @@ def test_train_then_generate_in_the_browser(server):
             expect(page.locator("#library-message")).to_contain_text("Deleted browser-mix", timeout=30_000)
             expect(page.locator("#library-table")).not_to_contain_text("browser-mix", timeout=30_000)
             page.screenshot(path=str(SHOTS / "library-after.png"), full_page=True)
+
+            # --- Train again: a finished job can be deleted; its adapter stays ---
+            page.get_by_role("tab", name="Train").click()
+            expect(page.locator("#resume-job")).to_be_hidden()  # done: nothing to resume
+            expect(page.locator("#train-again")).to_be_visible()
+            page.locator("#delete-job").click()
+            expect(page.locator("#job-message")).to_contain_text("Deleted job", timeout=30_000)
+            expect(page.locator("#job-status")).to_contain_text("No jobs yet", timeout=30_000)
+            page.screenshot(path=str(SHOTS / "train-after.png"), full_page=True)
         except Exception:
             page.screenshot(path=str(SHOTS / "failure.png"), full_page=True)
             raise

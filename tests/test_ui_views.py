@@ -104,3 +104,13 @@ def test_a_mix_shows_its_parts_and_weights(tmp_path):
     entry = _library_with_adapter(tmp_path, "a-and-b", {"mix": mix, "steps": 0}).get("a-and-b")
     text = views.adapter_details(entry)
     assert "| mix of | a × 0.8, b × -0.5 |" in text and "| method | cat |" in text and "steps" not in text
+    assert views.prompt_hints([entry]) == "Tokens: a-and-b is a mix of a × 0.8, b × -0.5"
+
+
+def test_smoothed_loss_by_hand():
+    assert views.smoothed([2.0]) == [2.0]  # debiased: the first point is the first loss
+    first, second = views.smoothed([2.0, 4.0], 0.5)
+    assert (first, second) == (2.0, (0.5 * 1.0 + 0.5 * 4.0) / 0.75)
+    frame = views.loss_frame([2.0, 4.0])
+    assert list(frame["series"]) == ["raw", "raw", "smoothed", "smoothed"] and list(frame["step"]) == [1, 2, 1, 2]
+    assert views.loss_frame([]) is None
