@@ -269,7 +269,7 @@ def library_tab(library: Library, timer: gr.Timer):
             # the choices is otherwise refused by Gradio with a traceback; the handlers treat unknown names themselves
             chosen = gr.Dropdown(label="Adapter", choices=[], value=None, allow_custom_value=True, elem_id="library-choice")
             details = gr.Markdown(elem_id="library-details")
-            adapter_samples = gr.Gallery(label="Samples", columns=4, height=140, interactive=False)
+            adapter_samples = gr.Gallery(label="Samples", columns=4, height=140, interactive=False, elem_id="library-samples")
         with gr.Column(scale=2):
             with gr.Row():
                 new_name = gr.Textbox(label="New name", scale=3, elem_id="library-new-name")
@@ -505,13 +505,24 @@ def generate_tab(library: Library, cache: ModelCache, timer: gr.Timer, library_s
                 {sweep_image, sweep_file, sweep_box, gen_message})
 
     @shows_errors(gen_message)
-    def save(chosen, name, *weights):
+    def save(chosen, name, prompt_text, seed_value, steps_value, guidance_value, *weights):
         if not chosen:
             raise UserError("Choose the adapters to mix first.")
         from dreambooth_lora.mixing import mix_adapters
 
-        entry, _ = mix_adapters(library, specs(chosen, weights), (name or "").strip(), method="cat")
-        return {gen_message: f"Saved the mix as **{entry.name}** (exact concatenation, rank {entry.rank}).",
-                library_seen: None}
+        mix = specs(chosen, weights)
+        adapters = resolve_adapters(library, mix)
+        first = adapters[0][0]
+        # samples of the mix itself, so the Library shows what it draws (not a grey placeholder)
+        settings = GenerateSettings(prompt=(prompt_text or "").strip() or f"a photo of {first.token} {first.class_noun}",
+                                    num_images=4, steps=int(steps_value), guidance=float(guidance_value),
+                                    seed=int(seed_value or 0))
+        with cache.lock:
+            session = cache.session(base_model_for(adapters, None, default_base_model()))
+            session.apply(adapters)
+            samples = session.generate(settings)
+        entry, _ = mix_adapters(library, mix, (name or "").strip(), method="cat", samples=samples)
+        return {gen_message: f"Saved the mix as **{entry.name}** (exact concatenation, rank {entry.rank}) with "
+                             f"samples of *{settings.prompt}*.", library_seen: None}
 
-    save_mix.click(save, [picker, mix_name, *sliders], {gen_message, library_seen})
+    save_mix.click(save, [picker, mix_name, prompt, seed, steps, guidance, *sliders], {gen_message, library_seen})

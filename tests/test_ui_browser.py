@@ -203,7 +203,9 @@ def test_train_then_generate_in_the_browser(server):
             choice = page.locator("#library-choice input")
             choice.click()
             page.get_by_role("option", name="browser-mix").click()
-            expect(page.locator("#library-details")).to_contain_text("browser-mix")
+            expect(page.locator("#library-details")).to_contain_text("mix of browser-box2 × 0.8")  # its parts
+            expect(page.locator("#library-samples img")).to_have_count(4, timeout=30_000)  # rendered when saved
+            page.screenshot(path=str(SHOTS / "library-mix.png"), full_page=True)
             page.locator("#library-delete").click()
             page.locator("#library-delete-confirm").click()
             expect(page.locator("#library-message")).to_contain_text("Deleted browser-mix", timeout=30_000)
