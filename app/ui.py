@@ -13,27 +13,22 @@ from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
-import pandas as pd
 from PIL import Image
 
-from dreambooth_lora.config import TEXT_ENCODER_MODES, TrainConfig, defaults_for, uses_tiny_defaults
+from app import views
+from app.views import PRESETS
+from dreambooth_lora.config import TEXT_ENCODER_MODES
 from dreambooth_lora.errors import UserError
 from dreambooth_lora.generate import AdapterSession, GenerateSettings, base_model_for, resolve_adapters
 from dreambooth_lora.images import photo_problem
+from dreambooth_lora.sweep import DEFAULT_WEIGHTS, run_sweep
 from dreambooth_lora.library import Library
 from dreambooth_lora.models import builtin_names, default_base_model, load_base_model, native_resolution
 from dreambooth_lora.tinyworld import SUBJECTS, subject_image_paths
-from dreambooth_lora.jobs import ACTIVE, RESUMABLE, Job, Jobs, JobStatus
+from dreambooth_lora.jobs import FINISHED, Jobs, JobStatus
 
 MAX_MIX = 4  # sliders in the Generate tab's fixed pool
 REFRESH_SECONDS = 1.5
-# Presets scale the model's default step count and pick a rank; Balanced is exactly the core defaults.
-PRESETS = {
-    "Fast": {"rank": 4, "steps_scale": 0.5},
-    "Balanced": {"rank": 8, "steps_scale": 1.0},
-    "Best": {"rank": 16, "steps_scale": 1.5},
-}
-PHASES = {"class_images": "Class images", "training": "Step", "saving": "Saving", "preparing": "Preparing"}
 
 
 class ModelCache:
@@ -54,17 +49,21 @@ class ModelCache:
         return self.sessions[base_model]
 
 
-def user_errors(handler):
-    """Show a UserError's sentence as a visible error message instead of a traceback."""
+def shows_errors(message: gr.components.Component):
+    """A handler returning a dict of updates shows a UserError as an error line in `message`, worded for the
+    studio's fields: no traceback, no toast that piles up, no error badge left on other components."""
 
-    def wrapped(*args, **kwargs):
-        try:
-            return handler(*args, **kwargs)
-        except UserError as error:
-            raise gr.Error(str(error), print_exception=False) from None
+    def decorate(handler):
+        def wrapped(*args, **kwargs):
+            try:
+                return handler(*args, **kwargs)
+            except UserError as error:
+                return {message: views.error_markdown(error)}
 
-    wrapped.__name__ = handler.__name__
-    return wrapped
+        wrapped.__name__ = handler.__name__
+        return wrapped
+
+    return decorate
 
 
 def build_ui(library: Library, prior_dir: Path | None = None) -> gr.Blocks:
@@ -74,7 +73,7 @@ def build_ui(library: Library, prior_dir: Path | None = None) -> gr.Blocks:
         timer = gr.Timer(REFRESH_SECONDS)
         with gr.Tabs():
             with gr.Tab("Train", id="train"):
-                train_tab(library, timer)
+                train_tab(demo, library, timer)
             with gr.Tab("Library", id="library"):
                 library_refresh = library_tab(library, timer)
             with gr.Tab("Generate", id="generate"):
@@ -83,7 +82,7 @@ def build_ui(library: Library, prior_dir: Path | None = None) -> gr.Blocks:
 
 
 # ----------------------------------------------------------------------------- Train
-def train_tab(library: Library, timer: gr.Timer) -> None:
+def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
     with gr.Row():
         with gr.Column(scale=3):
             uploads = gr.File(label="Subject photos (3-5 work best, up to 20)", file_count="multiple",
@@ -97,10 +96,10 @@ def train_tab(library: Library, timer: gr.Timer) -> None:
                 class_noun = gr.Textbox(label="Class noun", placeholder="dog", info="what the subject is",
                                         elem_id="train-class")
                 name = gr.Textbox(label="Subject name", placeholder="(default: token-class-date)", elem_id="train-name")
-            gr.Examples(
-                examples=[[[str(p) for p in subject_image_paths(n)], "sks", SUBJECTS[n].cls, n] for n in SUBJECTS],
-                inputs=[uploads, token, class_noun, name], label="Example subjects (tiny world, 32x32)",
-            )
+            subjects = list(SUBJECTS)
+            examples = gr.Gallery([(str(subject_image_paths(n)[0]), n) for n in subjects], columns=8, height=150,
+                                  label="Example subjects (tiny world, 32x32): pick one to fill the form",
+                                  allow_preview=False, interactive=False, fit_columns=False, elem_id="example-subjects")
             with gr.Row():
                 base_model = gr.Dropdown(builtin_names(), value=default_base_model(), allow_custom_value=True,
                                          label="Base model", info="a built-in, a hub id, a diffusers folder or a .safetensors file",
@@ -132,15 +131,20 @@ def train_tab(library: Library, timer: gr.Timer) -> None:
                 start = gr.Button("Start training", variant="primary", elem_id="start-training")
             start_message = gr.Markdown(elem_id="start-message")
         with gr.Column(scale=2):
-            job_choice = gr.Dropdown(label="Job", choices=[], value=None, elem_id="job-choice")
-            job_status = gr.Markdown("No jobs yet: upload photos and press Start.", elem_id="job-status")
-            loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=220, label="Loss")
+            # allow_custom_value: a tick in flight may carry a job just deleted (see the Library's adapter dropdown)
+            job_choice = gr.Dropdown(label="Job", choices=[], value=None, allow_custom_value=True, elem_id="job-choice")
+            # empty until the first refresh: "no jobs" shown before the jobs are read would be wrong after a reload
+            job_status = gr.Markdown("", elem_id="job-status")
+            loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Training loss", height=220, label="Loss",
+                                    elem_id="loss-plot")
             samples = gr.Gallery(label="Samples while training", columns=4, height=150, interactive=False, fit_columns=False)
             with gr.Row():
                 cancel = gr.Button("Cancel", variant="stop", visible=False, elem_id="cancel-job")
                 resume = gr.Button("Resume", visible=False, elem_id="resume-job")
-    jobs_table = gr.Dataframe(headers=["job", "subject", "status", "progress", "updated"], label="Jobs",
-                              interactive=False, elem_id="jobs-table")
+                again = gr.Button("Train again", visible=False, elem_id="train-again")
+                delete_job = gr.Button("Delete job", visible=False, elem_id="delete-job")
+            job_message = gr.Markdown(elem_id="job-message")
+    jobs_table = gr.Dataframe(headers=views.JOB_COLUMNS, label="Jobs", interactive=False, elem_id="jobs-table")
     seen = gr.State(None)
 
     # the photo rules depend on the training resolution, so the notes follow the model and resolution fields too
@@ -148,57 +152,93 @@ def train_tab(library: Library, timer: gr.Timer) -> None:
         source.change(check_uploads, [uploads, base_model, resolution], [previews, upload_notes])
     preset.change(lambda p: PRESETS[p]["rank"], preset, rank)
 
-    def start_clicked(files, *form):
-        try:
-            checked = _train_config(len(files or []), *form)  # validated once here for the photos' resolution
-            px = checked.resolution or native_resolution(checked.base_model)
-            accepted = [f for f in files or [] if _image_problem(f, px) is None]
-            config = _train_config(len(accepted), *form)
-            job_id = Jobs(library).create(config, accepted)
-        except UserError as error:
-            gr.Warning(str(error))
-            return f"**Error:** {error}", gr.skip()
-        name = Jobs(library).get(job_id).name
-        message = f"Queued **{name}** as job `{job_id}`; jobs run one at a time in the background."
-        return message, gr.update(choices=_job_choices(library), value=job_id)
+    def example_picked(evt: gr.SelectData):
+        subject = subjects[evt.index]
+        return {uploads: [str(p) for p in subject_image_paths(subject)], token: "sks", class_noun: SUBJECTS[subject].cls,
+                name: subject}
+
+    examples.select(example_picked, None, {uploads, token, class_noun, name})
 
     form = [token, class_noun, name, base_model, preset, steps, rank, alpha, prior_weight, num_class_images, lr,
             resolution, text_encoder, loraplus, seed, token_embedding, checkpoint_every]
-    start.click(start_clicked, [uploads, *form], [start_message, job_choice])
 
-    job_outputs = [jobs_table, job_choice, job_status, loss_plot, samples, cancel, resume, seen]
+    @shows_errors(start_message)
+    def start_clicked(files, *form_values):
+        checked = views.train_config(len(files or []), *form_values)  # validated once here for the photos' resolution
+        px = checked.resolution or native_resolution(checked.base_model)
+        accepted = [f for f in files or [] if _image_problem(f, px) is None]
+        jobs = Jobs(library)
+        job_id = jobs.create(views.train_config(len(accepted), *form_values), accepted)
+        message = f"Queued **{jobs.get(job_id).name}** as job `{job_id}`; jobs run one at a time in the background."
+        return {start_message: message, job_choice: gr.update(choices=views.job_choices(jobs.list()), value=job_id)}
+
+    start.click(start_clicked, [uploads, *form], {start_message, job_choice})
+
+    job_outputs = {jobs_table, job_choice, job_status, loss_plot, samples, cancel, resume, again, delete_job, seen}
 
     def refresh(selected, last_seen):
-        jobs = Jobs(library).list()
-        if selected not in {j.id for j in jobs}:
-            selected = jobs[0].id if jobs else None
-        signature = (selected, tuple((j.id, j.status, j.updated) for j in jobs))
+        jobs = Jobs(library)
+        listed = jobs.list()
+        if selected not in {j.id for j in listed}:
+            selected = listed[0].id if listed else None
+        signature = (selected, tuple((j.id, j.status, j.updated) for j in listed))
         if signature == last_seen:
-            return [gr.skip()] * len(job_outputs)
-        return [_jobs_frame(jobs), gr.update(choices=_job_choices(library, jobs), value=selected),
-                *job_view(library, selected), signature]
+            return dict.fromkeys(job_outputs, gr.skip())  # Gradio wants a value for every output
+        job = next((j for j in listed if j.id == selected), None)
+        return {jobs_table: views.jobs_frame(listed), job_choice: gr.update(choices=views.job_choices(listed), value=selected),
+                **job_view(job), seen: signature}
+
+    def job_view(job) -> dict:
+        """Status text, loss plot, samples and which buttons apply, for one job (None: there are none)."""
+        if job is None:
+            return {job_status: views.NO_JOBS, loss_plot: None, samples: [], cancel: gr.update(visible=False),
+                    resume: gr.update(visible=False), again: gr.update(visible=False), delete_job: gr.update(visible=False)}
+        sample_files = sorted((job.folder / "samples").glob("step-*.png"))
+        return {
+            job_status: views.job_text(Jobs(library), job), loss_plot: views.loss_frame(job.losses),
+            samples: [(str(p), f"step {int(p.stem.split('-')[1])}") for p in sample_files],
+            cancel: gr.update(visible=job.status in (JobStatus.QUEUED, JobStatus.RUNNING)),
+            resume: gr.update(visible=job.resumable),
+            again: gr.update(visible=job.status in FINISHED), delete_job: gr.update(visible=job.status in FINISHED),
+        }
 
     timer.tick(refresh, [job_choice, seen], job_outputs, show_progress="hidden")
-    job_choice.change(lambda s: refresh(s, None), [job_choice], job_outputs, show_progress="hidden")
+    demo.load(lambda s: refresh(s, None), [job_choice], job_outputs, show_progress="hidden")
+    # .input: a person's pick (a refresh that moves the selection must not wipe the message of a Delete)
+    job_choice.input(lambda s: {**refresh(s, None), job_message: ""}, [job_choice], job_outputs | {job_message},
+                     show_progress="hidden")
 
-    @user_errors
+    @shows_errors(job_message)
     def cancel_clicked(job_id):
-        gr.Info(f"Job {job_id}: {Jobs(library).cancel(job_id)}.")
-        return None
+        return {job_message: f"Job {job_id}: {Jobs(library).cancel(job_id)}.", seen: None}
 
-    @user_errors
+    @shows_errors(job_message)
     def resume_clicked(job_id):
-        gr.Info(f"Job {job_id}: queued again; it {Jobs(library).resume(job_id)}.")
-        return None
+        return {job_message: f"Job {job_id}: queued again; it {Jobs(library).resume(job_id)}.", seen: None}
 
-    cancel.click(cancel_clicked, job_choice, seen)
-    resume.click(resume_clicked, job_choice, seen)
+    @shows_errors(job_message)
+    def delete_clicked(job_id):
+        Jobs(library).delete(job_id)
+        return {job_message: f"Deleted job {job_id} (its photos and checkpoint; its adapter stays in the Library).",
+                seen: None}
+
+    @shows_errors(job_message)
+    def again_clicked(job_id):
+        jobs = Jobs(library)
+        new_id = jobs.again(job_id)
+        return {job_message: f"Queued **{jobs.get(new_id).name}** as job `{new_id}` with the same settings and photos.",
+                seen: None}
+
+    cancel.click(cancel_clicked, job_choice, {job_message, seen})
+    again.click(again_clicked, job_choice, {job_message, seen})
+    resume.click(resume_clicked, job_choice, {job_message, seen})
+    delete_job.click(delete_clicked, job_choice, {job_message, seen})
 
 
 def check_uploads(files, base_model=None, resolution=None):
     """Previews of the usable photos and one line per rejected file (unreadable, or too small or long for training)."""
     files = files or []
-    px = _int(_blank(resolution)) or native_resolution((base_model or "").strip() or default_base_model())
+    px = views.resolution_for_uploads(resolution, base_model)
     problems = {f: _image_problem(f, px) for f in files}
     good = [f for f in files if problems[f] is None]
     lines = [f"**Rejected** {problem}" for problem in problems.values() if problem]
@@ -215,112 +255,25 @@ def _image_problem(path, resolution: int | None) -> str | None:
     return photo_problem(Path(path), resolution)  # names the file, its size and the rule
 
 
-def _blank(value):
-    # gr.Number sends 0 for an empty box, so 0 means "the default" for the optional numbers.
-    return None if value in (None, "", 0) else value
-
-
-def _train_config(num_images, token, class_noun, name, base_model, preset, steps, rank, alpha, prior_weight,
-                  num_class_images, lr, resolution, text_encoder, loraplus, seed, token_embedding, checkpoint_every):
-    base_model = (base_model or "").strip() or default_base_model()
-    steps = _blank(steps)
-    scale = PRESETS[preset]["steps_scale"]
-    if steps is None and scale != 1.0:
-        default = defaults_for(uses_tiny_defaults(base_model), max(num_images, 1), 0)["steps"]
-        steps = max(1, round(default * scale))
-    return TrainConfig(
-        token=(token or "").strip(), class_noun=(class_noun or "").strip(), base_model=base_model,
-        name=(name or "").strip() or None, steps=_int(steps), rank=_int(rank), alpha=_blank(alpha),
-        prior_weight=float(prior_weight or 0.0), num_class_images=_int(_blank(num_class_images)),
-        lr=_blank(lr), resolution=_int(_blank(resolution)), text_encoder=text_encoder,
-        loraplus_ratio=_blank(loraplus), seed=_int(_blank(seed)) or 0,
-        train_token_embedding={"auto": None, "on": True, "off": False}[token_embedding],
-        checkpoint_every=_int(_blank(checkpoint_every)) or 0,
-    )
-
-
-def _int(value):
-    return None if value is None else int(value)
-
-
-def _job_choices(library: Library, jobs: list[Job] | None = None) -> list[tuple[str, str]]:
-    jobs = Jobs(library).list() if jobs is None else jobs
-    return [(f"{j.name or j.id} · {j.status}", j.id) for j in jobs]
-
-
-def _progress_text(job: Job) -> str:
-    status, phase, step, total = job.status, job.phase, job.step, job.total
-    if status in ACTIVE:
-        if phase == "class_images":
-            return f"class images {step} of {total}"
-        if phase == "training":
-            return f"step {step} of {total}"
-        return phase or "preparing"
-    if status in ("interrupted", "cancelled") and total:
-        return f"stopped at step {step} of {total}"
-    if status == "failed":
-        return "error"
-    if status == "done":
-        return f"{total} steps"
-    return status
-
-
-def _jobs_frame(jobs: list[Job]) -> pd.DataFrame:
-    return pd.DataFrame(
-        [[j.id, j.name, str(j.status), _progress_text(j),
-          time.strftime("%H:%M:%S", time.localtime(j.updated or j.created))] for j in jobs],
-        columns=["job", "subject", "status", "progress", "updated"],
-    )
-
-
-def job_view(library: Library, job_id: str | None) -> list:
-    """Status text, loss plot, samples and button visibility for one job."""
-    if job_id is None:
-        return ["No jobs yet: upload photos and press Start.", None, [], gr.update(visible=False), gr.update(visible=False)]
-    jobs = Jobs(library)
-    job = jobs.get(job_id)
-    status = job.status
-    progress = _progress_text(job)
-    lines = [f"### {job.name or job_id}", f"**{status}**" + (f" · {progress}" if progress != status else "")]
-    if status in ACTIVE and job.phase == "preparing" and job.message:
-        lines.append(job.message)
-    elif status == JobStatus.QUEUED:
-        queued = [j.id for j in sorted(jobs.list((JobStatus.QUEUED,)), key=lambda j: j.created)]
-        lines.append(f"waiting: position {queued.index(job_id) + 1} in the queue" if job_id in queued else "")
-    elif status == JobStatus.FAILED:
-        lines.append(f"**Error:** {job.error}")
-    elif status in (JobStatus.INTERRUPTED, JobStatus.CANCELLED):
-        lines.append(job.message)
-    elif status == JobStatus.DONE and job.adapter_id:
-        lines.append(f"{job.message}: find it in the Library tab.")
-    if job.losses:
-        lines.append(f"last loss {job.losses[-1]:.4f}")
-    losses = pd.DataFrame({"step": range(1, len(job.losses) + 1), "loss": job.losses})
-    sample_files = sorted((job.folder / "samples").glob("step-*.png"))
-    gallery = [(str(p), f"step {int(p.stem.split('-')[1])}") for p in sample_files]
-    return [
-        "\n\n".join(line for line in lines if line), losses if len(losses) else None, gallery,
-        gr.update(visible=status in (JobStatus.QUEUED, JobStatus.RUNNING)),
-        gr.update(visible=status in RESUMABLE),
-    ]
-
-
 # ----------------------------------------------------------------------------- Library
 def library_tab(library: Library, timer: gr.Timer):
     """Returns the listing's signature state: other tabs clear it to redraw the library after adding adapters."""
-    gallery = gr.Gallery(label="Adapters", columns=6, height=220, allow_preview=False, interactive=False, fit_columns=False,
-                         elem_id="library-gallery")
+    # height "auto": a fixed height cut off the second row of thumbnails from 9 adapters on
+    gallery = gr.Gallery(label="Adapters", columns=6, height="auto", allow_preview=False, interactive=False,
+                         fit_columns=False, elem_id="library-gallery")
     table = gr.Dataframe(headers=["name", "token", "class", "base model", "rank", "steps", "created", "size"],
                          interactive=False, label="Adapters", elem_id="library-table")
     with gr.Row():
         with gr.Column(scale=2):
-            chosen = gr.Dropdown(label="Adapter", choices=[], value=None, elem_id="library-choice")
+            # allow_custom_value: an event already on its way with a name that a rename or delete just removed from
+            # the choices is otherwise refused by Gradio with a traceback; the handlers treat unknown names themselves
+            chosen = gr.Dropdown(label="Adapter", choices=[], value=None, allow_custom_value=True, elem_id="library-choice")
             details = gr.Markdown(elem_id="library-details")
-            adapter_samples = gr.Gallery(label="Samples", columns=4, height=140, interactive=False)
+            adapter_samples = gr.Gallery(label="Samples", columns=4, height=140, interactive=False, elem_id="library-samples")
         with gr.Column(scale=2):
             with gr.Row():
-                new_name = gr.Textbox(label="New name", scale=3)
-                rename = gr.Button("Rename", scale=1)
+                new_name = gr.Textbox(label="New name", scale=3, elem_id="library-new-name")
+                rename = gr.Button("Rename", scale=1, elem_id="library-rename")
             delete = gr.Button("Delete…", variant="stop", elem_id="library-delete")
             with gr.Group(visible=False) as confirm_box:
                 confirm_text = gr.Markdown()
@@ -347,99 +300,87 @@ def library_tab(library: Library, timer: gr.Timer):
                 import_button = gr.Button("Import", elem_id="import-button")
             action_message = gr.Markdown(elem_id="library-message")
     seen = gr.State(None)
-    outputs = [gallery, table, chosen, seen]
+    listing_outputs = {gallery, table, chosen, seen}
 
-    def listing(selected, last_seen):
+    def listing(selected, last_seen=None) -> dict:
+        """Gallery, table and the adapter dropdown, its choices and value together: a value outside the choices
+        is refused by Gradio on every later event (the rename defect of issue 14)."""
         entries = library.list()
         signature = tuple((e.id, e.name) for e in entries)
         if signature == last_seen:
-            return [gr.skip()] * len(outputs)
-        names = [e.name for e in entries]
-        selected = selected if selected in names else (names[0] if names else None)
+            return dict.fromkeys(listing_outputs, gr.skip())  # Gradio wants a value for every output
         thumbs = [(str(e.samples[0]) if e.samples else _placeholder(), e.name) for e in entries]
-        rows = [[e.name, e.token, e.class_noun, e.base_model, e.rank, e.steps,
-                 time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)), f"{e.size_bytes / 1024:.0f} KB"]
-                for e in entries]
-        frame = pd.DataFrame(rows, columns=["name", "token", "class", "base model", "rank", "steps", "created", "size"])
-        return [thumbs, frame, gr.update(choices=names, value=selected), signature]
+        return {gallery: thumbs, table: views.library_frame(entries),
+                chosen: gr.update(choices=[e.name for e in entries], value=views.chosen_name(entries, selected)),
+                seen: signature}
 
-    timer.tick(listing, [chosen, seen], outputs, show_progress="hidden")
+    timer.tick(listing, [chosen, seen], listing_outputs, show_progress="hidden")
 
     def show(name):
-        if not name or not library.name_taken(name):
-            return "The library is empty: train a subject in the Train tab.", [], gr.update(visible=False)
-        entry = library.get(name)
-        meta = entry.meta
-        rows = [("token", entry.token), ("class", entry.class_noun), ("base model", entry.base_model),
-                ("rank / alpha", f"{entry.rank} / {entry.alpha:g}"), ("steps", entry.steps),
-                ("prior weight λ", meta.get("prior_weight")), ("class images", meta.get("num_class_images")),
-                ("text encoder", meta.get("text_encoder")), ("token embedding", meta.get("train_token_embedding")),
-                ("final loss", meta.get("final_loss")), ("created", time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.created))),
-                ("size", f"{entry.size_bytes / 1024:.0f} KB"), ("id", entry.id)]
-        text = f"### {entry.name}\n\n| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows if v is not None)
-        if entry.token:
-            text += f"\n\nPrompt with: `a photo of {entry.token} {entry.class_noun}`"
-        return text, [str(p) for p in entry.samples], gr.update(visible=False)
+        entry = library.get(name) if name and library.name_taken(name) else None
+        return {details: views.adapter_details(entry), adapter_samples: [str(p) for p in entry.samples] if entry else [],
+                confirm_box: gr.update(visible=False), export_file: None}  # the download was another adapter's
 
-    chosen.change(show, chosen, [details, adapter_samples, confirm_box])
+    chosen.change(show, chosen, {details, adapter_samples, confirm_box, export_file})
     gallery.select(_select_by_index(library), None, chosen)
+    table.select(_select_by_index(library), None, chosen)  # a row of the table picks its adapter too
 
-    @user_errors
+    @shows_errors(action_message)
     def do_rename(name, new):
         entry = library.rename(_need(name), (new or "").strip())
-        return f"Renamed to **{entry.name}**.", None, entry.name
+        return {**listing(entry.name), action_message: f"Renamed to **{entry.name}**.", new_name: ""}
 
-    rename.click(do_rename, [chosen, new_name], [action_message, seen, chosen])
+    rename.click(do_rename, [chosen, new_name], listing_outputs | {action_message, new_name})
 
     delete.click(lambda name: (gr.update(visible=bool(name)), f"Delete **{name}** and its samples? This cannot be undone."),
                  chosen, [confirm_box, confirm_text])
     keep.click(lambda: gr.update(visible=False), None, confirm_box)
 
-    @user_errors
+    @shows_errors(action_message)
     def do_delete(name):
         library.delete(_need(name))
-        return f"Deleted **{name}**.", None, gr.update(visible=False)
+        return {**listing(None), action_message: f"Deleted **{name}**.", confirm_box: gr.update(visible=False)}
 
-    confirm.click(do_delete, chosen, [action_message, seen, confirm_box])
+    confirm.click(do_delete, chosen, listing_outputs | {action_message, confirm_box})
 
-    @user_errors
+    @shows_errors(action_message)
     def do_export(name, fmt):
-        try:
-            from dreambooth_lora.formats import export_adapter, sidecar_path
-        except ImportError:
-            raise UserError("Export is not available yet (dreambooth_lora.formats is missing).") from None
+        from dreambooth_lora.formats import export_adapter, sidecar_path
+
         entry = library.get(_need(name))
         out, notes = export_adapter(entry, fmt, Path(tempfile.mkdtemp(prefix="dbl-export-")) / f"{entry.name}.{fmt}.safetensors")
-        for note in notes:
-            gr.Info(note)
         # A kohya export keeps a learned identifier embedding in a sidecar file next to the LoRA.
-        return [str(path) for path in (out, sidecar_path(out)) if path.exists()]
+        files = [str(path) for path in (out, sidecar_path(out)) if path.exists()]
+        return {export_file: files, action_message: "\n\n".join([f"Exported **{entry.name}** ({fmt}).", *notes])}
 
-    export.click(do_export, [chosen, export_format], export_file)
+    export.click(do_export, [chosen, export_format], {export_file, action_message})
 
-    @user_errors
+    @shows_errors(action_message)
     def do_import(file, embedding, name, token, class_noun, base_model):
+        from dreambooth_lora.formats import import_adapter
+
         if not file:
             raise UserError("Choose a LoRA .safetensors file to import.")
-        try:
-            from dreambooth_lora.formats import import_adapter
-        except ImportError:
-            raise UserError("Import is not available yet (dreambooth_lora.formats is missing).") from None
         entry, notes = import_adapter(library, Path(file), name=(name or "").strip() or None,
                                       base_model=(base_model or "").strip() or None,
                                       token=(token or "").strip(), class_noun=(class_noun or "").strip(),
                                       sidecar=Path(embedding) if embedding else None)
-        return "\n\n".join([f"Imported **{entry.name}** for {entry.base_model}.", *notes]), None
+        return {**listing(entry.name),
+                action_message: "\n\n".join([f"Imported **{entry.name}** for {entry.base_model}.", *notes])}
 
-    import_button.click(do_import, [import_file, import_embedding, import_name, import_token, import_class, import_base], [action_message, seen])
+    import_button.click(do_import, [import_file, import_embedding, import_name, import_token, import_class, import_base],
+                        listing_outputs | {action_message})
 
     return seen
 
 
 def _select_by_index(library: Library):
+    """The adapter at a gallery index or a table cell's row, both listed newest first as library.list()."""
+
     def select(evt: gr.SelectData):
         entries = library.list()
-        return entries[evt.index].name if evt.index < len(entries) else gr.skip()
+        index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        return entries[index].name if index < len(entries) else gr.skip()
 
     return select
 
@@ -466,8 +407,10 @@ def generate_tab(library: Library, cache: ModelCache, timer: gr.Timer, library_s
             prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks dog on the moon", elem_id="gen-prompt")
             hints = gr.Markdown(elem_id="gen-hints")
             negative = gr.Textbox(label="Negative prompt")
+            # allow_custom_value: an adapter deleted or renamed elsewhere must not make every later event fail;
+            # an unknown name is refused with a sentence when generating
             picker = gr.Dropdown(label=f"Adapters (up to {MAX_MIX})", choices=[], multiselect=True, max_choices=MAX_MIX,
-                                 elem_id="gen-adapters")
+                                 allow_custom_value=True, elem_id="gen-adapters")
             sliders = [gr.Slider(-1, 2, value=1.0, step=0.05, label=f"weight {i + 1}", visible=False,
                                  elem_id=f"gen-weight-{i}") for i in range(MAX_MIX)]
             base_model = gr.Dropdown(builtin_names(), value=default_base_model(), allow_custom_value=True,
@@ -479,13 +422,20 @@ def generate_tab(library: Library, cache: ModelCache, timer: gr.Timer, library_s
             with gr.Row():
                 size = gr.Number(label="Size (px)", value=0, precision=0, info="0: the model's native size")
                 count = gr.Slider(1, 8, value=4, step=1, label="Images")
-            run = gr.Button("Generate", variant="primary", elem_id="gen-run")
+            with gr.Row():
+                run = gr.Button("Generate", variant="primary", elem_id="gen-run")
+                sweep = gr.Button("Weight sweep", elem_id="gen-sweep")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Images", columns=4, height=360, interactive=False, elem_id="gen-gallery")
             gen_message = gr.Markdown(elem_id="gen-message")
             with gr.Row():
                 mix_name = gr.Textbox(label="Save this mix as", placeholder="new adapter name", scale=3, elem_id="mix-name")
                 save_mix = gr.Button("Save mix as adapter", scale=1, elem_id="mix-save")
+            with gr.Accordion("Weight sweep: the prompt at weights " + ", ".join(f"{w:g}" for w in DEFAULT_WEIGHTS)
+                              + " of each chosen adapter, one seed", open=False, elem_id="sweep-box") as sweep_box:
+                sweep_image = gr.Image(label="Weight sweep", show_label=False, type="pil", interactive=False,
+                                       elem_id="sweep-image")  # the label badge would cover the first column label
+                sweep_file = gr.File(label="Download the grid (PNG)", interactive=False, elem_id="sweep-download")
     seen = gr.State(None)
 
     def adapter_choices(selected, last_seen):
@@ -500,21 +450,15 @@ def generate_tab(library: Library, cache: ModelCache, timer: gr.Timer, library_s
         chosen = chosen or []
         updates = [gr.update(visible=i < len(chosen), label=f"{chosen[i]} weight" if i < len(chosen) else f"weight {i + 1}")
                    for i in range(MAX_MIX)]
-        hint_lines = []
-        for name in chosen:
-            if library.name_taken(name):
-                entry = library.get(name)
-                if entry.token:
-                    hint_lines.append(f"`{entry.token}` ({entry.class_noun}) — e.g. *a photo of {entry.token} {entry.class_noun}*")
-        hint = "Tokens: " + "; ".join(hint_lines) if hint_lines else ""
-        return [hint, *updates]
+        hint = views.prompt_hints([library.get(n) for n in chosen if library.name_taken(n)])
+        return ["\n\n".join(line for line in (hint, views.mix_note(chosen, MAX_MIX)) if line), *updates]
 
     picker.change(chosen_changed, picker, [hints, *sliders])
 
     def specs(chosen, weights):
         return [(name, float(weight)) for name, weight in zip(chosen or [], weights)]
 
-    @user_errors
+    @shows_errors(gen_message)
     def generate(prompt_text, negative_text, base, chosen, seed_value, steps_value, guidance_value, size_value,
                  count_value, *weights):
         adapters = resolve_adapters(library, specs(chosen, weights))
@@ -531,20 +475,54 @@ def generate_tab(library: Library, cache: ModelCache, timer: gr.Timer, library_s
             session.apply(adapters)
             images = session.generate(settings)
         mix = ", ".join(f"{n} × {w:g}" for n, w in settings.adapters) or "no adapters"
-        return images, f"{len(images)} images from {model_name} with {mix} in {time.time() - started:.1f} s."
+        captioned = [(image, f"seed {settings.seed + i}") for i, image in enumerate(images)]  # to repeat one image
+        return {gallery: captioned,
+                gen_message: f"{len(images)} images from {model_name} with {mix} in {time.time() - started:.1f} s."}
 
     run.click(generate, [prompt, negative, base_model, picker, seed, steps, guidance, size, count, *sliders],
-              [gallery, gen_message])
+              {gallery, gen_message})
 
-    @user_errors
-    def save(chosen, name, *weights):
+    @shows_errors(gen_message)
+    def sweep_clicked(prompt_text, negative_text, chosen, seed_value, steps_value, guidance_value, size_value, *weights):
+        mix = specs(chosen, weights)
+        if not mix:
+            raise UserError("Choose the adapters to sweep first.")
+        adapters = resolve_adapters(library, mix)
+        model_name = base_model_for(adapters, None, default_base_model())
+        settings = GenerateSettings(prompt=prompt_text or "", negative_prompt=negative_text or "", num_images=1,
+                                    steps=int(steps_value), guidance=float(guidance_value), seed=int(seed_value or 0),
+                                    size=int(size_value) if size_value else None)
+        started = time.time()
+        with cache.lock:
+            grid = run_sweep(cache.session(model_name), library, settings, mix)
+        path = Path(tempfile.mkdtemp(prefix="dbl-sweep-")) / "weight-sweep.png"
+        grid.save(path)
+        return {sweep_image: grid, sweep_file: str(path), sweep_box: gr.update(open=True),
+                gen_message: f"Weight sweep of {', '.join(n for n, _ in mix)} at seed {settings.seed} "
+                             f"in {time.time() - started:.1f} s."}
+
+    sweep.click(sweep_clicked, [prompt, negative, picker, seed, steps, guidance, size, *sliders],
+                {sweep_image, sweep_file, sweep_box, gen_message})
+
+    @shows_errors(gen_message)
+    def save(chosen, name, prompt_text, seed_value, steps_value, guidance_value, *weights):
         if not chosen:
             raise UserError("Choose the adapters to mix first.")
-        try:
-            from dreambooth_lora.mixing import mix_adapters
-        except ImportError:
-            raise UserError("Saving mixes is not available yet (dreambooth_lora.mixing is missing).") from None
-        entry, _ = mix_adapters(library, specs(chosen, weights), (name or "").strip(), method="cat")
-        return f"Saved the mix as **{entry.name}** (exact concatenation, rank {entry.rank}).", None
+        from dreambooth_lora.mixing import mix_adapters
 
-    save_mix.click(save, [picker, mix_name, *sliders], [gen_message, library_seen])
+        mix = specs(chosen, weights)
+        adapters = resolve_adapters(library, mix)
+        first = adapters[0][0]
+        # samples of the mix itself, so the Library shows what it draws (not a grey placeholder)
+        settings = GenerateSettings(prompt=(prompt_text or "").strip() or f"a photo of {first.token} {first.class_noun}",
+                                    num_images=4, steps=int(steps_value), guidance=float(guidance_value),
+                                    seed=int(seed_value or 0))
+        with cache.lock:
+            session = cache.session(base_model_for(adapters, None, default_base_model()))
+            session.apply(adapters)
+            samples = session.generate(settings)
+        entry, _ = mix_adapters(library, mix, (name or "").strip(), method="cat", samples=samples)
+        return {gen_message: f"Saved the mix as **{entry.name}** (exact concatenation, rank {entry.rank}) with "
+                             f"samples of *{settings.prompt}*.", library_seen: None}
+
+    save_mix.click(save, [picker, mix_name, prompt, seed, steps, guidance, *sliders], {gen_message, library_seen})

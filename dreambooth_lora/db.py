@@ -34,6 +34,7 @@ jobs = Table(
     Column("phase", String), Column("step", Integer, default=0), Column("total", Integer, default=0),
     Column("losses", Text, default="[]"),  # JSON list, one loss per step
     Column("message", Text, default=""), Column("error", Text),
+    Column("error_kind", String),  # a jobs.ErrorKind value for a failed job: a person's mistake or a crash
     Column("adapter_id", String),
     # The runner: the process training the job (host, pid, when it started, its last heartbeat).
     Column("runner_host", String), Column("runner_pid", Integer), Column("runner_started", Float),
@@ -65,8 +66,12 @@ def engine_for(url: str) -> Engine:
 
 
 def _migrate(engine: Engine) -> None:
-    """Data roots from before the jobs module kept jobs as `params` JSON with a `worker_pid`: convert them."""
+    """Data roots from before the jobs module kept jobs as `params` JSON with a `worker_pid`: convert them.
+    Jobs tables from before `error_kind` get the column (empty: their failures read as crashes, resumable)."""
     names = inspect(engine).get_table_names()
+    if "jobs" in names and {"params", "error_kind"}.isdisjoint(c["name"] for c in inspect(engine).get_columns("jobs")):
+        with engine.begin() as connection:
+            connection.execute(text("ALTER TABLE jobs ADD COLUMN error_kind VARCHAR"))
     if "jobs" not in names or "params" not in {c["name"] for c in inspect(engine).get_columns("jobs")}:
         return
     with engine.begin() as connection:

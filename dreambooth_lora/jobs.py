@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Callable
@@ -29,7 +29,7 @@ from .db import jobs as jobs_table
 from .errors import UserError
 from .images import check_subject_photos, expand_image_paths
 from .library import Library, new_id
-from .models import native_resolution
+from .models import check_base_model, native_resolution
 
 HEARTBEAT_SECONDS = 10.0
 STALE_SECONDS = 60.0
@@ -48,6 +48,13 @@ class JobStatus(StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+class ErrorKind(StrEnum):
+    """Why a job failed: a person's mistake in its settings (running it again fails the same way) or anything else."""
+
+    USER = "user"
+    CRASH = "crash"
 
 
 ACTIVE = (JobStatus.RUNNING, JobStatus.CANCELLING)
@@ -86,6 +93,7 @@ class Job:
     losses: list
     message: str
     error: str | None
+    error_kind: ErrorKind | None
     adapter_id: str | None
     runner: Runner | None
     cancel_requested: bool
@@ -96,6 +104,11 @@ class Job:
     @property
     def name(self) -> str:
         return self.config.get("name", "")
+
+    @property
+    def resumable(self) -> bool:
+        """Whether running it again can succeed: not for a failure caused by its own settings."""
+        return self.status in RESUMABLE and not (self.status == JobStatus.FAILED and self.error_kind == ErrorKind.USER)
 
     @property
     def checkpoint(self) -> Path:
@@ -109,7 +122,8 @@ class Job:
         runner = None if self.runner is None else {"host": self.runner.host, "pid": self.runner.pid,
                                                    "started": self.runner.started, "heartbeat": self.runner.heartbeat}
         return {"id": self.id, "status": str(self.status), "phase": self.phase, "step": self.step, "total": self.total,
-                "losses": self.losses, "message": self.message, "error": self.error, "adapter": adapter_name,
+                "losses": self.losses, "message": self.message, "error": self.error,
+                "error_kind": self.error_kind and str(self.error_kind), "resumable": self.resumable, "adapter": adapter_name,
                 "adapter_id": self.adapter_id, "runner": runner, "cancel_requested": self.cancel_requested,
                 "created": self.created, "updated": self.updated, "config": self.config}
 
@@ -153,6 +167,7 @@ class Jobs:
 
         With status RUNNING the calling process is its runner (the CLI's foreground `train`).
         """
+        check_base_model(config.base_model, config.config_dir)  # a bad model is refused here, not after queueing
         files = expand_image_paths(image_paths)
         # every file, its size at the training resolution and the count, now, before anything slow happens
         check_subject_photos(files, config.resolution or native_resolution(config.base_model))
@@ -249,7 +264,8 @@ class Jobs:
         with self.engine.begin() as db:
             taken = db.execute(update(jobs_table).where(
                 jobs_table.c.id == job_id, jobs_table.c.status.in_([str(s) for s in statuses]),
-            ).values(status=str(JobStatus.RUNNING), phase="preparing", error=None, cancel_requested=0, updated=time.time(),
+            ).values(status=str(JobStatus.RUNNING), phase="preparing", error=None, error_kind=None, cancel_requested=0,
+                     updated=time.time(),
                      message="", **_runner_values(runner))).rowcount == 1
         if taken:
             self.log(job_id, f"started on {runner.host} pid {runner.pid}")
@@ -312,6 +328,8 @@ class Jobs:
         job = self.get(job_id)
         if job.status not in RESUMABLE:
             raise UserError(f"Job {job_id} is {job.status}; only interrupted, cancelled or failed jobs can be resumed.")
+        if not job.resumable:
+            raise UserError(f"Job {job_id} failed because of its settings ({job.error}); fix them and start a new job.")
         if not (job.folder / "images").is_dir():
             raise UserError(f"Job {job_id} has lost its photos ({job.folder / 'images'}); start a new job instead.")
         step = checkpoint_step(job.checkpoint)
@@ -320,12 +338,26 @@ class Jobs:
         with self.engine.begin() as db:
             changed = db.execute(update(jobs_table).where(
                 jobs_table.c.id == job_id, jobs_table.c.status.in_([str(s) for s in RESUMABLE]),
-            ).values(status=str(JobStatus.QUEUED), phase=str(JobStatus.QUEUED), cancel_requested=0, error=None,
+            ).values(status=str(JobStatus.QUEUED), phase=str(JobStatus.QUEUED), cancel_requested=0, error=None, error_kind=None,
                      message=message, updated=time.time(), **_runner_values(None))).rowcount
         if not changed:
             raise UserError(f"Job {job_id} changed meanwhile ({self.get(job_id).status}); try again.")
         self.log(job_id, f"queued again: {message}")
         return message
+
+    def again(self, job_id: str) -> str:
+        """Queue a new job with a finished job's settings and photos under a free name; returns its id."""
+        job = self.get(job_id)
+        if job.status not in FINISHED:
+            raise UserError(f"Job {job_id} is {job.status}; train it again once it has finished.")
+        photos = sorted((job.folder / "images").glob("*"))
+        if not photos:
+            raise UserError(f"Job {job_id} has lost its photos ({job.folder / 'images'}); start a new job instead.")
+        taken = {j.name for j in self.list()}  # a queued job's name is not in the library yet, but is spoken for
+        name, suffix = free_name(self.library, job.name), 2
+        while name in taken:
+            name, suffix = free_name(self.library, f"{job.name}-{suffix}"), suffix + 1
+        return self.create(replace(job.train_config(), name=name), photos)
 
     def delete(self, job_id: str) -> None:
         """Remove a finished job's row, photos and checkpoint (row first, so listings never show half of it)."""
@@ -350,7 +382,9 @@ class Jobs:
     def _job(self, row) -> Job:
         return Job(id=row["id"], status=JobStatus(row["status"]), config=json.loads(row["config"]), phase=row["phase"] or "",
                    step=row["step"] or 0, total=row["total"] or 0, losses=json.loads(row["losses"] or "[]"),
-                   message=row["message"] or "", error=row["error"], adapter_id=row["adapter_id"], runner=_runner(row),
+                   message=row["message"] or "", error=row["error"],
+                   error_kind=ErrorKind(row["error_kind"]) if row["error_kind"] else None,
+                   adapter_id=row["adapter_id"], runner=_runner(row),
                    cancel_requested=bool(row["cancel_requested"]), created=row["created"] or 0.0,
                    updated=row["updated"] or 0.0, folder=self.folder(row["id"]))
 
@@ -409,8 +443,9 @@ def run_job(jobs: Jobs, job_id: str, prior_dir=None, *, observer: Callable | Non
                     message="interrupted before training started; resume to start it again")
     except Exception as error:  # noqa: BLE001 - any failure (bad input, out of memory) ends the job as failed
         jobs.log(job_id, "failed:\n" + traceback.format_exc())
+        kind = ErrorKind.USER if isinstance(error, UserError) else ErrorKind.CRASH
         jobs.update(job_id, status=JobStatus.FAILED, phase=str(JobStatus.FAILED), error=one_line(error),
-                    losses=writer.losses)
+                    error_kind=str(kind), losses=writer.losses)
         if raise_user_errors and isinstance(error, UserError):
             raise
     else:

@@ -50,8 +50,9 @@ def linear_factors(ups, downs, scales, weights) -> tuple[torch.Tensor, torch.Ten
 
 
 def mix_adapters(library: Library, specs: list[tuple[str, float]], new_name: str, method: str = "cat",
-                 rank: int | None = None) -> tuple[AdapterEntry, dict]:
-    """Combine library adapters by weight into a new library entry; returns it and a report."""
+                 rank: int | None = None, samples=()) -> tuple[AdapterEntry, dict]:
+    """Combine library adapters by weight into a new library entry (with `samples`, PIL images of the mix, as its
+    samples); returns it and a report."""
     from .generate import base_model_for
 
     if not specs:
@@ -97,7 +98,7 @@ def mix_adapters(library: Library, specs: list[tuple[str, float]], new_name: str
                 "parts": [{"name": e.name, "id": e.id, "weight": w} for e, w in parts]},
     }
     embeddings = _mixed_embeddings(entries[0].base_model, parts, adapters)
-    entry = store_adapter(library, AdapterFile(layers, embeddings, meta))
+    entry = store_adapter(library, AdapterFile(layers, embeddings, meta), samples)
     report = {"method": method, "exact": method == "cat" or (method == "svd" and _all_exact(per_layer)),
               "parts": meta["mix"]["parts"], "rank": entry.rank, "layers": len(layers),
               "embeddings": sorted(embeddings), "size_bytes": entry.file.stat().st_size}

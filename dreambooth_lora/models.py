@@ -173,6 +173,43 @@ def available_here(name: str) -> bool:
         return False
 
 
+def check_base_model(name: str, config_dir: str | None = None) -> None:
+    """Refuse, in one sentence, a base model that load_base_model cannot load here offline; cheap (reads no weights).
+
+    Called when a job is submitted, so a bad name is refused then rather than after it waited in the queue.
+    """
+    if name == "builtin:tiny-random" or name in REAL_SHAPED_BUILTINS:
+        return
+    if name.startswith("builtin:"):
+        if not (BUILTIN_DIR / name.removeprefix("builtin:") / "model_index.json").exists():
+            raise UserError(_unknown_builtin(name))
+        return
+    path = Path(name)
+    if path.suffix in {".safetensors", ".ckpt"}:
+        if path.suffix != ".safetensors":
+            raise UserError(f"{name}: only .safetensors checkpoints are accepted (.ckpt files can run code when loaded).")
+        if not path.is_file():
+            raise UserError(f"Checkpoint file {name} does not exist.")
+        if config_dir is None:
+            raise UserError(f"{name} is a single-file checkpoint: pass --config DIR (a diffusers folder or cached hub "
+                            "id of the same architecture) so its component configs can be read offline.")
+        return
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise UserError(f"{name} is a folder but not a diffusers model (no model_index.json in it).")
+        return
+    if path.exists():
+        raise UserError(f"{name} is neither a diffusers folder nor a .safetensors checkpoint.")
+    if not available_here(name):
+        raise UserError(f"Cannot load base model {name!r} offline: it is not a local folder and not in the Hugging "
+                        "Face cache. Download it on a connected machine first or give a path.")
+
+
+def _unknown_builtin(name: str) -> str:
+    known = builtin_names() + list(REAL_SHAPED_BUILTINS)
+    return f"Unknown built-in model {name!r}; built-ins here: {', '.join(known)}."
+
+
 def load_base_model(name: str, config_dir: str | None = None) -> BaseModel:
     """Load a base model by name (builtin:..., hub id, diffusers folder or .safetensors file), on CPU in fp32."""
     if name == "builtin:tiny-random":
@@ -185,8 +222,7 @@ def load_base_model(name: str, config_dir: str | None = None) -> BaseModel:
     if name.startswith("builtin:"):
         folder = BUILTIN_DIR / name.removeprefix("builtin:")
         if not (folder / "model_index.json").exists():
-            known = builtin_names() + list(REAL_SHAPED_BUILTINS)
-            raise UserError(f"Unknown built-in model {name!r}; built-ins here: {', '.join(known)}.")
+            raise UserError(_unknown_builtin(name))
         resolution = native_resolution(name)
         return _from_pipeline(name, StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32), resolution)
     path = Path(name)

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 
 from dreambooth_lora.cli import main
@@ -198,7 +199,9 @@ def test_svd_mix_exact_at_full_rank_and_reports_error_below(model, root, mix_ima
 
 def test_linear_mix_needs_equal_ranks(root):
     library = Library(root)
-    entry, report = mix_adapters(library, [("a", 0.5), ("b", 0.5)], "m-linear", "linear")
+    entry, report = mix_adapters(library, [("a", 0.5), ("b", 0.5)], "m-linear", "linear",
+                                 samples=[Image.new("RGB", (8, 8), (255, 0, 0))])
+    assert [Image.open(p).getpixel((0, 0)) for p in entry.samples] == [(255, 0, 0)]  # shown in the Library
     assert entry.rank == 4 and not report["exact"]
     with pytest.raises(UserError, match="equal rank"):
         mix_adapters(library, [("a", 0.5), ("c", 0.5)], "never", "linear")

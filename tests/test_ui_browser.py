@@ -106,12 +106,28 @@ def test_train_then_generate_in_the_browser(server):
             page.get_by_text("Advanced").click()
             page.locator("#adv-steps input").fill("4")
             page.locator("#adv-class-images input").fill("2")
+            # a person's mistakes: one error line naming the studio's own field, no CLI flag, no toast
+            page.locator("#train-token").get_by_role("textbox").fill("my subject")
+            page.locator("#start-training").click()
+            expect(page.locator("#start-message")).to_contain_text("Error: Token 'my subject'", timeout=30_000)
+            expect(page.locator("#start-message")).not_to_contain_text("--")
+            page.locator("#train-token").get_by_role("textbox").fill("sks")
+            base.fill("builtin:nope")  # refused when submitted, not after queueing
+            base.press("Enter")
+            page.locator("#start-training").click()
+            expect(page.locator("#start-message")).to_contain_text("Unknown built-in model 'builtin:nope'", timeout=30_000)
+            base.fill("builtin:tiny-random")
+            base.press("Enter")
             page.locator("#start-training").click()
             expect(page.locator("#start-message")).to_contain_text("Queued", timeout=30_000)
             expect(page.locator("#job-status")).to_contain_text("done", timeout=150_000)
             expect(page.locator("#jobs-table")).to_contain_text("browser-box")
             page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
-            page.get_by_text("redyellow-ball").first.click()  # an example subject fills the form
+            page.reload()  # the job panel never claims there are no jobs while it reads them
+            expect(page.get_by_text("DreamBooth-LoRA Studio").first).to_be_visible(timeout=30_000)
+            assert "No jobs yet" not in page.locator("#job-status").inner_text()
+            expect(page.locator("#job-status")).to_contain_text("done", timeout=30_000)
+            page.locator("#example-subjects").get_by_text("redyellow-ball").click()  # a thumbnail fills the form
             expect(page.locator("#upload-notes")).to_contain_text("4 photos ready", timeout=30_000)
             expect(page.locator("#train-class").get_by_role("textbox")).to_have_value("ball")
 
@@ -124,11 +140,27 @@ def test_train_then_generate_in_the_browser(server):
                 "href", re.compile(r"browser-box\.diffusers\.safetensors$"), timeout=30_000)
             page.screenshot(path=str(SHOTS / "library.png"), full_page=True)
 
+            # --- Rename, then export, with no reload: the new name everywhere, no error ---
+            page.locator("#library-new-name").get_by_role("textbox").fill("browser-box2")
+            page.locator("#library-rename").click()
+            expect(page.locator("#library-message")).to_contain_text("Renamed to browser-box2", timeout=30_000)
+            expect(page.locator("#library-table")).to_contain_text("browser-box2", timeout=30_000)
+            expect(page.locator("#library-details")).to_contain_text("browser-box2")
+            expect(page.locator("#library-choice input")).to_have_value("browser-box2")
+            expect(page.locator("#library-download a")).to_have_count(0)  # the old file's link is gone
+            page.wait_for_timeout(4 * 1500)  # a few refresh ticks: each raised "not in the list of choices" before
+            page.locator("#library-export").click()
+            expect(page.locator("#library-download a").first).to_have_attribute(
+                "href", re.compile(r"browser-box2\.diffusers\.safetensors$"), timeout=30_000)
+            expect(page.locator("#library-details")).to_contain_text("browser-box2")
+            expect(page.locator(".toast-body")).to_have_count(0)
+            page.screenshot(path=str(SHOTS / "library-renamed.png"), full_page=True)
+
             # --- Generate: the adapter at weight 0.8 ---
             page.get_by_role("tab", name="Generate").click()
             page.locator("#gen-prompt").get_by_role("textbox").fill("a photo of sks box")
             page.locator("#gen-adapters input").click()
-            page.get_by_role("option", name="browser-box").click()
+            page.get_by_role("option", name="browser-box2").click()
             page.keyboard.press("Escape")
             weight = page.locator("#gen-weight-0 input[type=number]")
             expect(weight).to_be_visible(timeout=10_000)
@@ -136,10 +168,15 @@ def test_train_then_generate_in_the_browser(server):
             weight.press("Enter")
             expect(page.locator("#gen-hints")).to_contain_text("sks")
             page.locator("#gen-run").click()
-            expect(page.locator("#gen-message")).to_contain_text("browser-box × 0.8", timeout=90_000)
+            expect(page.locator("#gen-message")).to_contain_text("browser-box2 × 0.8", timeout=90_000)
             page.wait_for_function(
                 "() => { const imgs = [...document.querySelectorAll('#gen-gallery img')];"
                 " return imgs.length >= 4 && imgs.every(i => i.complete && i.naturalWidth > 0); }", timeout=30_000)
+            expect(page.locator("#gen-gallery")).to_contain_text("seed 0")  # each image says its seed
+            page.locator("#gen-sweep").click()
+            expect(page.locator("#gen-message")).to_contain_text("Weight sweep of browser-box2", timeout=90_000)
+            expect(page.locator("#sweep-download a").first).to_have_attribute(
+                "href", re.compile(r"weight-sweep\.png$"), timeout=30_000)
             page.locator("#mix-name").get_by_role("textbox").fill("browser-mix")
             page.locator("#mix-save").click()
             expect(page.locator("#gen-message")).to_contain_text("Saved the mix as browser-mix", timeout=60_000)
@@ -161,18 +198,33 @@ def test_train_then_generate_in_the_browser(server):
             page.locator("#import-button").click()
             expect(page.locator("#library-message")).to_contain_text("Imported imported-box", timeout=60_000)
             expect(page.locator("#library-table")).to_contain_text("imported-box", timeout=30_000)
+            page.locator("#library-table").get_by_text("browser-box2", exact=True).click()  # a row picks its adapter
+            expect(page.locator("#library-details")).to_contain_text("browser-box2", timeout=30_000)
             choice = page.locator("#library-choice input")
             choice.click()
             page.get_by_role("option", name="browser-mix").click()
-            expect(page.locator("#library-details")).to_contain_text("browser-mix")
+            expect(page.locator("#library-details")).to_contain_text("mix of browser-box2 × 0.8")  # its parts
+            expect(page.locator("#library-samples img")).to_have_count(4, timeout=30_000)  # rendered when saved
+            page.screenshot(path=str(SHOTS / "library-mix.png"), full_page=True)
             page.locator("#library-delete").click()
             page.locator("#library-delete-confirm").click()
             expect(page.locator("#library-message")).to_contain_text("Deleted browser-mix", timeout=30_000)
             expect(page.locator("#library-table")).not_to_contain_text("browser-mix", timeout=30_000)
             page.screenshot(path=str(SHOTS / "library-after.png"), full_page=True)
+
+            # --- Train again: a finished job can be deleted; its adapter stays ---
+            page.get_by_role("tab", name="Train").click()
+            expect(page.locator("#resume-job")).to_be_hidden()  # done: nothing to resume
+            expect(page.locator("#train-again")).to_be_visible()
+            page.locator("#delete-job").click()
+            expect(page.locator("#job-message")).to_contain_text("Deleted job", timeout=30_000)
+            expect(page.locator("#job-status")).to_contain_text("No jobs yet", timeout=30_000)
+            page.screenshot(path=str(SHOTS / "train-after.png"), full_page=True)
         except Exception:
             page.screenshot(path=str(SHOTS / "failure.png"), full_page=True)
             raise
         finally:
             browser.close()
     shutil.copytree(SHOTS, tmp_path / "shots", dirs_exist_ok=True)
+    server_log = (tmp_path / "server.log").read_text()
+    assert "not in the list of choices" not in server_log and "Traceback" not in server_log

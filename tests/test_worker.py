@@ -4,6 +4,7 @@ and two worker processes sharing one queue."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from dreambooth_lora import jobs as jobs_module
 from dreambooth_lora.config import TrainConfig
+from dreambooth_lora.errors import UserError
 from dreambooth_lora.jobs import Jobs, JobStatus, Runner
 from dreambooth_lora.library import Library
 from dreambooth_lora.tinyworld import subject_image_paths
@@ -56,12 +58,29 @@ def at_step(step: int, event: threading.Event):
     return observe
 
 
-def test_queued_jobs_run_one_at_a_time_in_order(library, jobs, prior_dir):
+def test_a_base_model_that_cannot_load_is_refused_at_submit(jobs, tmp_path):
+    for name, words in (("builtin:nope", "Unknown built-in model 'builtin:nope'"),
+                        (str(tmp_path / "missing-model"), "not in the Hugging Face cache"),
+                        ("someone/not-cached", "Cannot load base model 'someone/not-cached' offline")):
+        with pytest.raises(UserError, match=re.escape(words)):
+            jobs.create(TrainConfig(token="sks", class_noun="box", base_model=name, name="refused", steps=2), IMAGES)
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(UserError, match="no model_index.json"):
+        jobs.create(TrainConfig(token="sks", class_noun="box", base_model=str(tmp_path / "not-a-model"), steps=2), IMAGES)
+    assert jobs.list() == []  # nothing was queued
+
+
+def test_queued_jobs_run_one_at_a_time_in_order(library, jobs, prior_dir, tmp_path):
     first = jobs.create(config("first", 2), IMAGES)
     time.sleep(0.01)  # distinct creation times (the queue's order)
-    # The second job fails fast (unknown model), so the order is visible without a second full run.
-    second = jobs.create(TrainConfig(token="sks", class_noun="box", base_model="builtin:nope", name="second", steps=2),
+    # The second job fails fast: its base model folder is gone by the time it runs (a person's mistake, so no Resume).
+    vanishing = tmp_path / "vanishing-model"
+    vanishing.mkdir()
+    (vanishing / "model_index.json").write_text("{}")
+    second = jobs.create(TrainConfig(token="sks", class_noun="box", base_model=str(vanishing), name="second", steps=2,
+                                     resolution=32),  # the photos are 32 px
                          IMAGES)
+    shutil.rmtree(vanishing)
     assert jobs.get(first).status == jobs.get(second).status == JobStatus.QUEUED
 
     run_once(library, prior_dir)
@@ -72,8 +91,11 @@ def test_queued_jobs_run_one_at_a_time_in_order(library, jobs, prior_dir):
 
     run_once(library, prior_dir)
     failed = jobs.get(second)
-    assert failed.status == JobStatus.FAILED and "Unknown built-in model 'builtin:nope'" in failed.error
+    assert failed.status == JobStatus.FAILED and "Cannot load base model" in failed.error
     assert "\n" not in failed.error and "Traceback" in (failed.folder / "log.txt").read_text()
+    assert not failed.resumable  # its own settings failed it: running it again cannot work
+    with pytest.raises(UserError, match="fix them and start a new job"):
+        jobs.resume(second)
     assert [e.name for e in library.list()] == ["first"]
     run_once(library, prior_dir)  # nothing queued: returns at once
 
@@ -98,6 +120,19 @@ def test_cancel_stops_the_job_and_saves_no_adapter(library, jobs, prior_dir):
     assert jobs.get(queued).status == JobStatus.CANCELLED and library.list() == []
     jobs.delete(queued)
     assert not jobs.folder(queued).exists() and queued not in {j.id for j in jobs.list()}
+
+
+def test_train_again_queues_the_same_settings_and_photos_under_a_free_name(library, jobs):
+    first = jobs.create(config("again", 3, rank=4), IMAGES)
+    with pytest.raises(UserError, match="once it has finished"):
+        jobs.again(first)
+    jobs.cancel(first)
+    second = jobs.again(first)
+    copy = jobs.get(second)
+    assert copy.status == JobStatus.QUEUED and copy.name == "again-2"
+    assert {**copy.config, "name": "again"} == jobs.get(first).config
+    assert [p.read_bytes() for p in sorted((copy.folder / "images").iterdir())] == \
+        [p.read_bytes() for p in sorted((jobs.folder(first) / "images").iterdir())]
 
 
 def test_interrupted_job_resumes_from_its_checkpoint(library, jobs, prior_dir):
