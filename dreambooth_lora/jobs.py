@@ -252,6 +252,8 @@ class Jobs:
     def claim(self, job_id: str, runner: Runner) -> Job:
         """Take one job to run in this process (`train --resume`): a queued or resumable one, never a running one."""
         job = self.get(job_id)
+        if job.status == JobStatus.FAILED and not job.resumable:
+            raise _failed_by_its_settings(job)
         if not self._take(job_id, runner, (JobStatus.QUEUED, *RESUMABLE)):
             job = self.get(job_id)
             if job.status in ACTIVE:
@@ -329,7 +331,7 @@ class Jobs:
         if job.status not in RESUMABLE:
             raise UserError(f"Job {job_id} is {job.status}; only interrupted, cancelled or failed jobs can be resumed.")
         if not job.resumable:
-            raise UserError(f"Job {job_id} failed because of its settings ({job.error}); fix them and start a new job.")
+            raise _failed_by_its_settings(job)
         if not (job.folder / "images").is_dir():
             raise UserError(f"Job {job_id} has lost its photos ({job.folder / 'images'}); start a new job instead.")
         step = checkpoint_step(job.checkpoint)
@@ -393,6 +395,10 @@ def _runner(row) -> Runner | None:
     if row["runner_pid"] is None:
         return None
     return Runner(row["runner_host"] or "", row["runner_pid"], row["runner_started"] or 0.0, row["heartbeat"] or 0.0)
+
+
+def _failed_by_its_settings(job: Job) -> UserError:
+    return UserError(f"Job {job.id} failed because of its settings ({job.error}); fix them and start a new job.")
 
 
 def _same(column, value):

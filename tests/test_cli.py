@@ -207,6 +207,9 @@ def test_resume_of_unknown_running_or_finished_job_refused(capsys, cli_dirs, sub
     assert_refused(capsys, ["train", "--resume", running, *cli_dirs], running, "is done")
     assert_refused(capsys, ["jobs", "resume", running, *cli_dirs], running, "is done")
     assert_refused(capsys, ["jobs", "cancel", running, *cli_dirs], running, "is done")
+    jobs.update(running, status=JobStatus.FAILED, error="a mistake in its settings", error_kind="user")
+    assert_refused(capsys, ["train", "--resume", running, *cli_dirs], running, "because of its settings")
+    assert_refused(capsys, ["jobs", "resume", running, *cli_dirs], running, "because of its settings")
 
 
 def test_generate_refusals(capsys, cli_dirs, tmp_path):
