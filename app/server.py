@@ -129,4 +129,6 @@ def _terminate_with_parent() -> None:
 
 
 def _raise_keyboard_interrupt(signum, frame):
+    # Once: a second SIGTERM (a process group signalled twice) must not break into Gradio's own shutdown.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
