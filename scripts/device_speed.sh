@@ -11,7 +11,7 @@
 # Before the call, on the dev machine, from the repo root (the wheels are git-ignored in .whl/, ~22 MiB):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#     diffusers==0.42.1 transformers==5.23.0 peft==0.21.2 open-clip-torch==3.3.0
+#     diffusers==0.42.1 transformers==5.23.0 peft==0.21.2 open-clip-torch==3.3.0 "sqlalchemy==2.0.*" greenlet
 #   mkdir -p .whl/peer && cp ../shared/peer/train_dreambooth_lora.py ../shared/peer/run_reference.sh .whl/peer/
 # bitsandbytes is NOT carried: its wheel (43 MiB) does not fit the 64 MiB the tree and wheels may take, so
 # --low-memory runs with 32-bit AdamW there and says so (LoRA's optimizer state is a few MB either way).
