@@ -8,6 +8,7 @@ fixture keeps it.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Test processes share 2 cores with the servers and workers they start: OpenMP threads sleep instead of
 # spinning while waiting (read once, when torch loads, so before any import of torch).
