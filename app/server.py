@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import signal
 import subprocess
 import sys
@@ -11,11 +10,12 @@ import time
 from pathlib import Path
 
 from dreambooth_lora.errors import UserError
+from dreambooth_lora.jobs import Jobs
 from dreambooth_lora.library import Library
 from dreambooth_lora.paths import data_root as resolve_data_root
 from dreambooth_lora.paths import prior_root
 from dreambooth_lora.tinyworld.world import SUBJECT_IMAGE_DIR
-from dreambooth_lora.jobs import Jobs
+from dreambooth_lora.worker import terminate_with_parent
 
 WORKER_STOP_SECONDS = 30  # the worker finishes its current step and writes a checkpoint first
 
@@ -107,7 +107,7 @@ def start_worker(root: Path, prior: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "dreambooth_lora.cli", "worker", "--data-root", str(root), "--prior-dir", str(prior)]
     with open(root / "worker.log", "ab") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                preexec_fn=_terminate_with_parent if sys.platform == "linux" else None)
+                                preexec_fn=terminate_with_parent if sys.platform == "linux" else None)
 
 
 def stop_worker(worker: subprocess.Popen) -> None:
@@ -120,12 +120,6 @@ def stop_worker(worker: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         worker.kill()
         worker.wait()
-
-
-def _terminate_with_parent() -> None:
-    # If the server dies without cleaning up (SIGKILL), the kernel sends the worker SIGTERM.
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _raise_keyboard_interrupt(signum, frame):

@@ -425,13 +425,13 @@ def run_job(jobs: Jobs, job_id: str, prior_dir=None, *, observer: Callable | Non
     the traceback goes to the job's log file; with `raise_user_errors` (the CLI) a UserError is raised again
     after it is recorded, so the person sees its sentence.
     """
-    from .train import TrainingStopped, run_training  # train imports the job record; this keeps imports one-way
+    from .train import TrainingStopped, run_training  # train imports this module; listing jobs needs no trainer
 
     stop = stop or threading.Event()
     job = jobs.get(job_id)
-    if jobs.adapter_name(job):  # its adapter reached the library before a crash (while its samples were drawn)
+    if saved := jobs.adapter_name(job):  # its adapter reached the library before a crash (while samples were drawn)
         jobs.update(job_id, status=JobStatus.DONE, phase=str(JobStatus.DONE), step=len(job.losses),
-                    message=f"saved adapter {jobs.adapter_name(job)} (before an interruption)")
+                    message=f"saved adapter {saved} (before an interruption)")
         return jobs.get(job_id)
     runner = job.runner
     writer = _ProgressWriter(jobs, job_id, observer)

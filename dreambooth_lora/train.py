@@ -17,6 +17,7 @@ from .config import TrainConfig, uses_tiny_defaults
 from .errors import UserError
 from .faults import fault_point
 from .images import load_subject_images
+from .jobs import CHECKPOINT_FILE, Jobs
 from .library import AdapterEntry, Library
 from .lora import (
     EMBEDDING_PREFIX,
@@ -107,8 +108,6 @@ def run_training(
     started, perf_started = time.time(), time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    from .jobs import Jobs  # the job record's owner; jobs.run_job calls this function
-
     job = Jobs(library).get(job_id)
     run = prepare_run(job.train_config(), job.folder, prior_dir, on_progress)
     train_steps(run, job.folder, on_progress, should_stop, sample_every, perf_started)
@@ -152,7 +151,7 @@ def prepare_run(config: TrainConfig, job_dir: Path, prior_dir: Path | None, on_p
     generator = torch.Generator(device if config.device_noise else "cpu").manual_seed(config.seed)
     run = Run(config, model, trainables, optimizer, generator, scheduler,
               torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16),
-              instance_latents, class_latents, device, weight_dtype, autocast_dtype, job_dir / "checkpoint.safetensors",
+              instance_latents, class_latents, device, weight_dtype, autocast_dtype, job_dir / CHECKPOINT_FILE,
               timings=timings)
     if run.checkpoint_path.exists():
         weights, run.step, run.losses = load_checkpoint(run.checkpoint_path, optimizer, generator)

@@ -88,7 +88,7 @@ def run_in_child(library: Library, job: Job, prior_dir: Path | None, stop: threa
         env.pop("OMP_WAIT_POLICY", None)
         env.pop("DBL_PASSIVE_WAIT")
     child = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
-                             preexec_fn=_terminate_with_parent if sys.platform == "linux" else None)
+                             preexec_fn=terminate_with_parent if sys.platform == "linux" else None)
     while child.poll() is None:
         if stop.wait(0.5):
             child.send_signal(signal.SIGTERM)  # it checkpoints and stops at its next step
@@ -120,7 +120,8 @@ def run_claimed_job(library: Library, job_id: str, prior_dir: Path | None) -> in
     return 0 if job.status in (JobStatus.DONE, JobStatus.CANCELLED, JobStatus.INTERRUPTED) else 1
 
 
-def _terminate_with_parent() -> None:
+def terminate_with_parent() -> None:
+    """preexec_fn for child processes (the worker's training children, serve's worker)."""
     # Linux: when the parent dies (even by SIGKILL) the kernel sends this process SIGTERM.
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
