@@ -264,7 +264,7 @@ def finish_run(library: Library, run: Run, job_id: str, on_progress, started: fl
     # Recorded on the job before the checkpoint goes: a crash from here on leaves a job that reads its adapter.
     on_progress(Progress("samples", run.step, run.config.steps, message=f"saved adapter {entry.name}", adapter_id=entry.id))
     run.checkpoint_path.unlink(missing_ok=True)  # the adapter is saved; the checkpoint has no further use
-    write_samples(library, entry, run.model, run.trainables, run.config)
+    write_samples(entry, run.model, run.trainables, run.config)
     if run.device.type == "cuda":
         run.timings["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     return TrainResult(entry, job_id, run.losses, time.time() - started, run.timings)
@@ -478,9 +478,9 @@ def make_optimizer(trainables: Trainables, config: TrainConfig, device=torch.dev
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=1e-2, fused=fused or None)
 
 
-def write_samples(library: Library, entry: AdapterEntry, model: BaseModel, trainables: Trainables, config: TrainConfig) -> None:
+def write_samples(entry: AdapterEntry, model: BaseModel, trainables: Trainables, config: TrainConfig) -> None:
     """The adapter's sample images, written into its library folder once the adapter is there."""
-    folder = library.root / "adapters" / entry.id / "samples"
+    folder = entry.folder / "samples"
     folder.mkdir(exist_ok=True)
     for index, image in enumerate(generate_samples(model, trainables, config, SAMPLE_COUNT)):
         with atomic_path(folder / f"{index}.png") as tmp:
