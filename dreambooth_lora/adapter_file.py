@@ -1,7 +1,7 @@
 """Our adapter file, its one reader and one writer, and storing an adapter in the library.
 
 The file is safetensors in diffusers' LoRA key layout (`unet.<module>.lora_A.weight` / `.lora_B.weight`,
-`text_encoder.<module>...`), plus the learned identifier rows as `lora_token_embedding.<piece>`, with two
+`text_encoder.<module>...`), plus each learned identifier as `lora_identifier.<token>` (identifier.py), with two
 header entries: `lora_adapter_metadata` (per-layer rank and alpha, as diffusers reads them) and
 `dreambooth_lora` (our metadata). Conversions to other tools' layouts live in formats.py.
 """
@@ -23,11 +23,11 @@ from safetensors.torch import save_file
 
 from .errors import UserError
 from .faults import fault_point
+from .identifier import from_file_tensors, to_file_tensors
 from .library import AdapterEntry, Library
 from .paths import atomic_path, validate_name
 
 COMPONENTS = ("unet", "text_encoder")
-EMBEDDING_PREFIX = "lora_token_embedding."  # learned identifier rows; diffusers skips it (no unet./text_encoder. prefix) but needs "lora" in every key
 STUDIO_META_KEY = "dreambooth_lora"
 DIFFUSERS_META_KEY = "lora_adapter_metadata"  # what diffusers reads rank/alpha from
 FILE_NAME = "adapter.safetensors"
@@ -55,16 +55,17 @@ class LayerFactors:
 
 @dataclass
 class AdapterFile:
-    """An adapter: layers keyed `unet.<module>` / `text_encoder.<module>`, identifier rows by token piece, metadata."""
+    """An adapter: layers keyed `unet.<module>` / `text_encoder.<module>`, identifiers (token -> [K, dim]), metadata."""
 
     layers: dict[str, LayerFactors]
-    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+    identifiers: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict, alpha: float) -> "AdapterFile":
         """Tensors in the file's key layout (as `lora.collect_adapter_tensors` gives them), every layer with one alpha."""
-        return cls(_layers(tensors, lambda component, module, rank: alpha, "adapter"), _embeddings(tensors), meta)
+        layers = _layers(tensors, lambda component, module, rank: alpha, "adapter")
+        return cls(layers, from_file_tensors(tensors, meta.get("token", "")), meta)
 
     @property
     def max_rank(self) -> int:
@@ -76,8 +77,8 @@ class AdapterFile:
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor in the file's key layout: LoRA factors, then identifier rows."""
-        return {**self.lora_only(), **self.embedding_tensors}
+        """Every tensor in the file's key layout: LoRA factors, then identifiers."""
+        return {**self.lora_only(), **self.identifier_tensors}
 
     def lora_only(self) -> dict[str, torch.Tensor]:
         tensors = {}
@@ -95,8 +96,8 @@ class AdapterFile:
         return _strip_prefix(self.lora_only(), "text_encoder.")
 
     @property
-    def embedding_tensors(self) -> dict[str, torch.Tensor]:
-        return {EMBEDDING_PREFIX + piece: vector for piece, vector in self.embeddings.items()}
+    def identifier_tensors(self) -> dict[str, torch.Tensor]:
+        return to_file_tensors(self.identifiers)
 
 
 # ----- the file -----
@@ -106,7 +107,8 @@ def read_adapter(path) -> AdapterFile:
     tensors, header = read_safetensors(Path(path))
     config = json.loads(header.get(DIFFUSERS_META_KEY, "{}"))
     layers = _layers(tensors, lambda component, module, rank: alpha_from_config(config, component, module, rank), path)
-    return AdapterFile(layers, _embeddings(tensors), json.loads(header.get(STUDIO_META_KEY, "{}")))
+    meta = json.loads(header.get(STUDIO_META_KEY, "{}"))
+    return AdapterFile(layers, from_file_tensors(tensors, meta.get("token", "")), meta)
 
 
 def write_adapter(path, adapter: AdapterFile) -> None:
@@ -186,10 +188,6 @@ def _layers(tensors: dict, alpha_of: Callable[[str, str, int], float], source) -
     return layers
 
 
-def _embeddings(tensors: dict) -> dict[str, torch.Tensor]:
-    return {key.removeprefix(EMBEDDING_PREFIX): value for key, value in tensors.items() if key.startswith(EMBEDDING_PREFIX)}
-
-
 def _strip_prefix(tensors: dict, prefix: str) -> dict:
     return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
@@ -221,7 +219,7 @@ def store_adapter(library: Library, adapter: AdapterFile, samples=()) -> Adapter
             "rank": adapter.max_rank, "alpha": adapter.common_alpha}
     staging = library.staging_folder()
     try:
-        write_adapter(staging / FILE_NAME, AdapterFile(adapter.layers, adapter.embeddings, meta))
+        write_adapter(staging / FILE_NAME, AdapterFile(adapter.layers, adapter.identifiers, meta))
         fault_point("saving")  # the file is in its staging folder, not yet in the library
         if samples:
             (staging / "samples").mkdir()

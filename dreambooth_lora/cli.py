@@ -221,8 +221,12 @@ def cmd_train(args) -> int:
         )
         job_id = jobs.create(config, args.images, status=JobStatus.QUEUED if args.submit else JobStatus.RUNNING)
     print(f"job {job_id}", file=sys.stderr)
+    token = jobs.get(job_id).config["token"]
+    if not args.resume and token != args.token:
+        print(f"note: the identifier {args.token!r} is already in use on this base model, so this subject is called "
+              f"{token!r}: use it in prompts, e.g. 'a photo of {token} {args.class_noun}'.", file=sys.stderr)
     if args.submit:
-        print(json.dumps({"job": job_id, "status": "queued"}))
+        print(json.dumps({"job": job_id, "status": "queued", "token": token}))
         return 0
     bar = _ProgressBar(enabled=not args.quiet)
     started = time.time()
@@ -237,7 +241,7 @@ def cmd_train(args) -> int:
         print(f"error: training failed: {job.error} (the traceback is in {job.folder / 'log.txt'})", file=sys.stderr)
         return 1
     timings = job.folder / "timings.json"
-    print(json.dumps({"job": job_id, "adapter": jobs.adapter_name(job), "id": job.adapter_id, "steps": job.step,
+    print(json.dumps({"job": job_id, "adapter": jobs.adapter_name(job), "id": job.adapter_id, "token": token, "steps": job.step,
                       "seconds": round(time.time() - started, 1), "final_loss": job.losses[-1] if job.losses else None,
                       **({"timings": json.loads(timings.read_text())} if args.timings and timings.exists() else {})}))
     return 0

@@ -8,12 +8,15 @@ Kohya export and the identifier embedding: A1111 reads "bundled embeddings" from
 key starts with `lora_te_` / `lora_unet_`; with one `bundle_emb` key it rejects the file outright
 ("Invalid LoRA checkpoint", checked with diffusers 0.42 in tests/test_formats.py). So the embedding goes
 in a sidecar `<out stem>.embedding.safetensors` in A1111's textual-inversion layout `{"emb_params": [n, dim]}`
-(our token pieces in its header), and import picks the sidecar up again when it sits beside the file.
+(the identifiers and their vector counts in its header), and import picks the sidecar up again when it sits beside
+the file. Sidecars written before identifiers had tokens of their own name tokenizer pieces in a `tokens` header
+entry; they are converted (identifier.py).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -21,7 +24,6 @@ from safetensors.torch import save_file
 
 from .adapter_file import (
     DIFFUSERS_META_KEY,
-    EMBEDDING_PREFIX,
     STUDIO_META_KEY,
     AdapterFile,
     LayerFactors,
@@ -34,6 +36,7 @@ from .adapter_file import (
     write_adapter,
 )
 from .errors import UserError
+from .identifier import IDENTIFIER_PREFIX, LEGACY_PREFIX, TOKEN_PATTERN, convert_pieces, from_file_tensors
 from .library import AdapterEntry, Library
 from .paths import atomic_path
 
@@ -66,11 +69,11 @@ def export_adapter(entry: AdapterEntry, fmt: str, out: str | None) -> tuple[Path
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
     sidecar = sidecar_path(path)
-    if weights.embeddings:
-        pieces = list(weights.embeddings)
+    if weights.identifiers:
+        counts = [[token, int(vectors.shape[0])] for token, vectors in weights.identifiers.items()]
         with atomic_path(sidecar) as tmp:
-            save_file({"emb_params": torch.stack([weights.embeddings[p] for p in pieces]).float().contiguous()}, str(tmp),
-                      metadata={"tokens": json.dumps(pieces), "token": weights.meta.get("token", "")})
+            save_file({"emb_params": torch.cat(list(weights.identifiers.values())).float().contiguous()}, str(tmp),
+                      metadata={"identifiers": json.dumps(counts), "token": weights.meta.get("token", "")})
         notes.append(f"The identifier embedding ('{weights.meta.get('token', '')}') is in {sidecar}: keep it beside "
                      f"{path.name}, which needs it to draw the subject; `library import` reads it from there.")
     else:
@@ -143,11 +146,11 @@ def import_adapter(library: Library, file: Path, name: str | None, base_model: s
     ours = studio_meta(file, header)
     model = load_base_model(base_model or base_model_for_file(file, header))
     modules = model_linear_shapes(model)
-    fmt, layers, embeddings = parse_lora_file(file, tensors, header, modules)
-    embeddings.update(_sidecar_embeddings(file, sidecar))
-    _check_embeddings(file, embeddings, model)
+    fmt, layers, identifiers = parse_lora_file(file, tensors, header, modules)
+    identifiers.update(_sidecar_identifiers(file, sidecar))
+    identifiers = _checked_identifiers(file, identifiers, model, token)
     notes = []
-    missing = bool(ours.get("train_token_embedding")) and not embeddings
+    missing = bool(ours.get("train_token_embedding")) and not identifiers
     if missing:
         notes.append(f"{file.name} was trained with an identifier embedding for '{ours.get('token', '')}', but it is not in "
                      f"the file and no {sidecar_path(file).name} was found beside it: without it the adapter will not "
@@ -155,20 +158,20 @@ def import_adapter(library: Library, file: Path, name: str | None, base_model: s
     if ours.get("fingerprint") and ours["fingerprint"] != model.fingerprint:
         notes.append(f"{file.name} was trained on {ours.get('base_model')!r}, whose weights differ from {model.name!r}'s; "
                      "its layers fit, but the results may differ from the original's.")
-    token = token or ours.get("token") or "".join(p.removesuffix("</w>") for p in embeddings)
+    token = token or (" ".join(identifiers) if identifiers else ours.get("token", ""))
     meta = {
         "name": name, "token": token, "class_noun": class_noun or ours.get("class_noun", ""),
         "base_model": model.name, "fingerprint": model.fingerprint,
         "steps": int(ours.get("steps") or header.get("ss_steps") or 0),
         "instance_prompt": f"a photo of {token} {class_noun or ours.get('class_noun', '')}".strip() if token else "",
         "text_encoder": "lora" if any(k.startswith("text_encoder.") for k in layers) else "none",
-        "train_token_embedding": bool(embeddings),
+        "train_token_embedding": bool(identifiers),
         "imported_from": str(file), "imported_format": fmt,
         "imported_meta": ours or {k: v for k, v in header.items() if k.startswith("ss_")},
     }
     if missing:
         meta["identifier_embedding_missing"] = True
-    return store_adapter(library, AdapterFile(layers, embeddings, meta)), notes
+    return store_adapter(library, AdapterFile(layers, identifiers, meta)), notes
 
 
 def studio_meta(file: Path, header: dict) -> dict:
@@ -204,31 +207,31 @@ def model_linear_shapes(model) -> dict[str, tuple[int, int]]:
 
 
 def parse_lora_file(file: Path, tensors: dict, header: dict, modules: dict[str, tuple[int, int]]):
-    """Detect the key layout and return (format, layers, embeddings); every layer checked against `modules`."""
+    """Detect the key layout and return (format, layers, identifiers); every layer checked against `modules`."""
     keys = list(tensors)
     if not keys:
         raise UserError(f"{file}: the file holds no tensors.")
     if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
         raise UserError(f"{file}: an SDXL LoRA (lora_te1_/lora_te2_ keys); only Stable Diffusion 1.x layouts are supported.")
     if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
-        layers, embeddings = _parse_kohya(file, tensors, modules)
-        return "kohya", layers, embeddings
+        layers, identifiers = _parse_kohya(file, tensors, modules)
+        return "kohya", layers, identifiers
     if any(k.startswith(PEFT_PREFIX) for k in keys):
         return "peft", _parse_peft(file, tensors, modules), {}
-    if all(k.startswith(("unet.", "text_encoder.", EMBEDDING_PREFIX)) for k in keys):
-        return "diffusers", _parse_diffusers(file, tensors, header, modules), {
-            k.removeprefix(EMBEDDING_PREFIX): v.float() for k, v in tensors.items() if k.startswith(EMBEDDING_PREFIX)}
-    bad = next(k for k in keys if not k.startswith(("unet.", "text_encoder.", EMBEDDING_PREFIX)))
+    ours = ("unet.", "text_encoder.", IDENTIFIER_PREFIX, LEGACY_PREFIX)
+    if all(k.startswith(ours) for k in keys):
+        hint = studio_meta(file, header).get("token", "")
+        return "diffusers", _parse_diffusers(file, tensors, header, modules), from_file_tensors(tensors, hint)
+    bad = next(k for k in keys if not k.startswith(ours))
     raise UserError(f"{file}: not a diffusers, kohya or PEFT LoRA file (first unrecognised key {bad!r}).")
 
 
 def _parse_kohya(file, tensors, modules):
     by_kohya_name = {kohya_name(key): key for key in modules}
-    layers, embeddings, bundled = {}, {}, {}
+    layers, identifiers = {}, {}
     for key, value in tensors.items():
-        if key.startswith("bundle_emb."):
-            emb_name = key.split(".")[1]
-            bundled[emb_name] = value
+        if key.startswith("bundle_emb."):  # an A1111 bundled embedding: its name is what prompts type
+            identifiers[key.split(".")[1]] = value.reshape(-1, value.shape[-1]).float()
             continue
         lora_name, _, part = key.partition(".")
         if part not in ("lora_down.weight", "lora_up.weight", "alpha"):
@@ -244,10 +247,7 @@ def _parse_kohya(file, tensors, modules):
         down = value
         alpha = float(tensors[f"{lora_name}.alpha"].item()) if f"{lora_name}.alpha" in tensors else float(down.shape[0])
         layers[layer_key] = _checked(file, key, layer_key, down, up, alpha, modules)
-    for emb_name, value in bundled.items():
-        vectors = value.reshape(-1, value.shape[-1]).float()
-        embeddings.update(_name_embedding_rows(file, emb_name, vectors))
-    return layers, embeddings
+    return layers, identifiers
 
 
 def _parse_peft(file, tensors, modules):
@@ -281,7 +281,7 @@ def _parse_diffusers(file, tensors, header, modules):
     config = json.loads(header.get(DIFFUSERS_META_KEY, "{}"))
     layers = {}
     for key, value in tensors.items():
-        if key.startswith(EMBEDDING_PREFIX):
+        if key.startswith((IDENTIFIER_PREFIX, LEGACY_PREFIX)):
             continue
         if not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise UserError(f"{file}: key {key!r} is not a diffusers LoRA weight (<component>.<module>.lora_A/lora_B.weight).")
@@ -313,8 +313,8 @@ def _checked(file, key, layer_key, down, up, alpha, modules) -> LayerFactors:
     return LayerFactors(down.float(), up.float(), float(alpha))
 
 
-def _sidecar_embeddings(file: Path, sidecar: Path | None) -> dict[str, torch.Tensor]:
-    """The identifier rows of a textual-inversion sidecar: the one given, else the one beside the file, if any."""
+def _sidecar_identifiers(file: Path, sidecar: Path | None) -> dict[str, torch.Tensor]:
+    """The identifiers of a textual-inversion sidecar: the one given, else the one beside the file, if any."""
     if sidecar is not None and not Path(sidecar).is_file():
         raise UserError(f"{sidecar}: no such embedding file.")
     sidecar = Path(sidecar) if sidecar is not None else sidecar_path(file)
@@ -324,27 +324,31 @@ def _sidecar_embeddings(file: Path, sidecar: Path | None) -> dict[str, torch.Ten
     if "emb_params" not in tensors:
         raise UserError(f"{sidecar}: not a textual-inversion file (no emb_params).")
     vectors = tensors["emb_params"].reshape(-1, tensors["emb_params"].shape[-1]).float()
-    pieces = json.loads(header.get("tokens", "[]"))
-    if len(pieces) != len(vectors):
-        raise UserError(f"{sidecar}: its header names {len(pieces)} token pieces for {len(vectors)} embedding rows.")
-    return dict(zip(pieces, vectors))
+    if "tokens" in header:  # written before identifiers had tokens of their own: tokenizer pieces
+        pieces = json.loads(header["tokens"])
+        if len(pieces) != len(vectors):
+            raise UserError(f"{sidecar}: its header names {len(pieces)} token pieces for {len(vectors)} embedding rows.")
+        return convert_pieces(dict(zip(pieces, vectors)), header.get("token", ""))
+    try:
+        counts = json.loads(header.get("identifiers") or "null") or [[header.get("token") or sidecar.name.split(".")[0], len(vectors)]]
+        sizes = [int(count) for _, count in counts]
+    except (ValueError, TypeError):
+        raise UserError(f"{sidecar}: its 'identifiers' header entry is not a list of [token, count] pairs.") from None
+    if sum(sizes) != len(vectors) or min(sizes, default=1) < 1:
+        raise UserError(f"{sidecar}: its header names {sum(sizes)} vectors for {len(vectors)} embedding rows.")
+    return {token: part for (token, _), part in zip(counts, vectors.split(sizes))}
 
 
-def _name_embedding_rows(file, emb_name, vectors) -> dict[str, torch.Tensor]:
-    # A bundled A1111 embedding is typed by its name; our rows are keyed by the tokenizer's pieces of it.
-    from .tokenizer import build_tokenizer
-
-    pieces = build_tokenizer().tokenize(emb_name)
-    if len(pieces) != len(vectors):
-        raise UserError(f"{file}: bundled embedding {emb_name!r} has {len(vectors)} vectors but its name is {len(pieces)} tokens.")
-    return dict(zip(pieces, vectors))
-
-
-def _check_embeddings(file, embeddings, model) -> None:
+def _checked_identifiers(file, identifiers: dict[str, torch.Tensor], model, token: str) -> dict[str, torch.Tensor]:
+    """Identifiers that fit the base model; one identifier takes the name `token` when one is given."""
     dim = model.text_encoder.get_input_embeddings().weight.shape[1]
-    for piece, vector in embeddings.items():
-        if vector.shape != (dim,):
-            raise UserError(f"{file}: embedding for {piece!r} has shape {tuple(vector.shape)}, the base model's is ({dim},).")
-        ids = model.tokenizer.convert_tokens_to_ids([piece])
-        if ids[0] == model.tokenizer.unk_token_id and piece != model.tokenizer.unk_token:
-            raise UserError(f"{file}: identifier token piece {piece!r} is not in the base model's vocabulary.")
+    for name, vectors in identifiers.items():
+        if vectors.shape[-1] != dim:
+            raise UserError(f"{file}: the identifier {name!r} has vectors of size {vectors.shape[-1]}, the base model's are {dim}.")
+    if token and len(identifiers) == 1:  # a token of its own is renamed freely: the row is keyed by its name
+        identifiers = {token: next(iter(identifiers.values()))}
+    for name in identifiers:
+        if not re.fullmatch(TOKEN_PATTERN, name):
+            raise UserError(f"{file}: the identifier {name!r} is not one word of letters or digits; import it with "
+                            "--token WORD to give it one.")
+    return identifiers

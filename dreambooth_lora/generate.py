@@ -12,8 +12,8 @@ from PIL import Image, PngImagePlugin
 
 from .errors import UserError
 from .library import AdapterEntry, Library
-from .adapter_file import EMBEDDING_PREFIX, read_adapter
-from .lora import TokenEmbedding
+from .adapter_file import read_adapter
+from .identifier import IdentifierEmbedding, mix_identifiers
 from .models import BaseModel, load_base_model
 from .paths import atomic_path
 
@@ -76,33 +76,36 @@ class AdapterSession:
         self.pipe = model.pipeline()
         self.loaded: dict[str, str] = {}  # adapter id -> peft adapter name
         self.fused = False
-        self.embeddings: list[TokenEmbedding] = []
+        self.identifier: IdentifierEmbedding | None = None
 
     def apply(self, adapters: list[tuple[AdapterEntry, float]], fuse: bool = False) -> None:
         for entry, _ in adapters:
             check_compatible(entry, self.model)
         self.clear()
-        names, weights, embedding_deltas = [], [], {}
+        names, weights, identifiers = [], [], []
         for index, (entry, weight) in enumerate(adapters):
             adapter_name = f"adapter{index}"
             load_counted(self.pipe, entry.file, adapter_name, entry.name)
             names.append(adapter_name)
             weights.append(weight)
             self.loaded[entry.id] = adapter_name
-            for key, vector in read_adapter(entry.file).embedding_tensors.items():
-                embedding_deltas.setdefault(key, []).append((vector, weight))
+            identifiers.append((read_adapter(entry.file).identifiers, weight))
         if names:
             self.pipe.set_adapters(names, weights)
             if fuse:
                 self.pipe.fuse_lora(adapter_names=names)
                 self.fused = True
-        if embedding_deltas:
-            self.embeddings.append(mixed_token_embedding(self.model, embedding_deltas).attach(self.pipe.text_encoder))
+        rows = mix_identifiers(identifiers, self.model.tokenizer, self.model.text_encoder.get_input_embeddings().weight)
+        if rows:  # each adapter's identifier as a token of its own, in this pipeline only (identifier.py)
+            self.identifier = IdentifierEmbedding.for_text_encoder(self.pipe.text_encoder, self.model.tokenizer, rows)
+            self.identifier.attach(self.pipe.text_encoder)
+            self.pipe.tokenizer = self.identifier.tokenizer
 
     def clear(self) -> None:
-        for embedding in self.embeddings:
-            embedding.detach()
-        self.embeddings = []
+        if self.identifier is not None:
+            self.identifier.detach()
+            self.identifier = None
+            self.pipe.tokenizer = self.model.tokenizer
         if self.fused:
             self.pipe.unfuse_lora()
             self.fused = False
@@ -150,17 +153,6 @@ def load_counted(pipe, file: Path, adapter_name: str, label: str) -> None:
     if placed != len(expected):
         pipe.delete_adapters(adapter_name)
         raise UserError(f"Adapter {label!r}: only {placed} of its {len(expected)} LoRA layers fit this base model.")
-
-
-def mixed_token_embedding(model: BaseModel, deltas: dict[str, list[tuple[torch.Tensor, float]]]) -> TokenEmbedding:
-    """Identifier rows as base + sum_i w_i (learned_i - base): task arithmetic on the embedding too."""
-    table = model.text_encoder.get_input_embeddings().weight.detach().float().cpu()
-    mixed = {}
-    for key, pairs in deltas.items():
-        token_id = model.tokenizer.convert_tokens_to_ids(key.removeprefix(EMBEDDING_PREFIX))
-        base = table[token_id]
-        mixed[key] = base + sum(weight * (vector.float() - base) for vector, weight in pairs)
-    return TokenEmbedding.from_state(mixed, model.tokenizer)
 
 
 def save_images(images: list[Image.Image], out_dir: Path, settings: GenerateSettings, base_model: str) -> list[Path]:

@@ -24,9 +24,10 @@ from sqlalchemy import delete, insert, select, update
 
 from .adapter_file import check_new_name, free_name
 from .checkpoint import checkpoint_step
-from .config import TrainConfig
+from .config import TrainConfig, uses_tiny_defaults
 from .db import jobs as jobs_table
 from .errors import UserError
+from .identifier import choose_identifier, identifiers_in_use, rename_in_prompt
 from .images import check_subject_photos, expand_image_paths
 from .library import Library, new_id
 from .models import check_base_model, native_resolution
@@ -171,6 +172,8 @@ class Jobs:
         files = expand_image_paths(image_paths)
         # every file, its size at the training resolution and the count, now, before anything slow happens
         check_subject_photos(files, config.resolution or native_resolution(config.base_model))
+        asked = config.token
+        config = self.with_free_identifier(config)
         name = check_new_name(self.library, config.name or default_adapter_name(self.library, config))
         job_id = new_id()
         images = self.folder(job_id) / "images"
@@ -185,7 +188,23 @@ class Jobs:
                 step=0, total=0, losses="[]", message="", cancel_requested=0, created=now, updated=now,
                 **_runner_values(runner)))
         self.log(job_id, f"created ({status}) for adapter {name!r}")
+        if config.token != asked:
+            self.log(job_id, f"identifier {asked!r} is in use on {config.base_model}: this subject is called {config.token!r}")
         return job_id
+
+    def with_free_identifier(self, config: TrainConfig) -> TrainConfig:
+        """`config` with an identifier no adapter in the library and no unfinished job on its base model uses, so
+        that subjects can be mixed (identifier.choose_identifier: a frozen embedding's identifier is refused instead)."""
+        users: dict[str, str] = {}
+        for entry in self.library.list():
+            if entry.base_model == config.base_model:
+                users.update({word: f"adapter {entry.name!r}" for word in identifiers_in_use([entry.token]) if word not in users})
+        for job in self.list((JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.INTERRUPTED)):
+            if job.config.get("base_model") == config.base_model:
+                users.update({word: f"job {job.id}" for word in identifiers_in_use([job.config.get("token")]) if word not in users})
+        trains = config.train_token_embedding if config.train_token_embedding is not None else uses_tiny_defaults(config.base_model)
+        token = choose_identifier(config.token, set(users), trains, users)
+        return replace(config, token=token, instance_prompt=rename_in_prompt(config.instance_prompt, config.token, token))
 
     # ----- reading -----
     def get(self, job_id: str) -> Job:

@@ -1,12 +1,11 @@
-"""LoRA layers (PEFT) on the UNet and text encoder, and the identifier embedding (the file: adapter_file.py)."""
+"""LoRA layers (PEFT) on the UNet and text encoder (the file: adapter_file.py; the identifier: identifier.py)."""
 
 from __future__ import annotations
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
-from .adapter_file import EMBEDDING_PREFIX
-from .errors import UserError
+from .identifier import IdentifierEmbedding
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections (DreamBooth-LoRA)
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -35,72 +34,12 @@ def lora_parameters(module) -> list[torch.nn.Parameter]:
     return [p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad]
 
 
-class TokenEmbedding(torch.nn.Module):
-    """Trainable input embeddings for identifier tokens, swapped in by a hook on the embedding layer.
-
-    The big embedding table stays frozen and untouched; only these rows learn (pivotal tuning).
-    """
-
-    def __init__(self, token_ids: list[int], initial: torch.Tensor, tokens: list[str]):
-        super().__init__()
-        self.tokens = list(tokens)
-        self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long))
-        self.vectors = torch.nn.Parameter(initial.detach().clone().float())
-        self._handle = None
-
-    @classmethod
-    def for_token(cls, text_encoder, tokenizer, token: str) -> "TokenEmbedding":
-        pieces = tokenizer.tokenize(token)
-        ids = tokenizer.convert_tokens_to_ids(pieces)
-        table = text_encoder.get_input_embeddings().weight
-        return cls(ids, table[ids].float(), pieces)
-
-    def attach(self, text_encoder) -> "TokenEmbedding":
-        self.detach()
-        self.to(text_encoder.get_input_embeddings().weight.device)
-        self._handle = text_encoder.get_input_embeddings().register_forward_hook(self._replace)
-        return self
-
-    def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-    def _replace(self, module, inputs, output):
-        input_ids = inputs[0]
-        for row, token_id in enumerate(self.token_ids.tolist()):
-            mask = (input_ids == token_id).unsqueeze(-1)
-            output = torch.where(mask, self.vectors[row].to(output.dtype), output)
-        return output
-
-    @torch.no_grad()
-    def clamp_norm(self, max_norm: float) -> None:
-        """Keep each learned vector no longer than a typical word's, so the identifier cannot drown
-        out the rest of the prompt ("... on a green background")."""
-        norms = self.vectors.norm(dim=-1, keepdim=True).clamp(min=1e-8)
-        self.vectors.mul_((max_norm / norms).clamp(max=1.0))
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {f"{EMBEDDING_PREFIX}{piece}": self.vectors[i].detach().cpu().contiguous() for i, piece in enumerate(self.tokens)}
-
-    @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], tokenizer) -> "TokenEmbedding | None":
-        pieces = [key.removeprefix(EMBEDDING_PREFIX) for key in tensors if key.startswith(EMBEDDING_PREFIX)]
-        if not pieces:
-            return None
-        ids = tokenizer.convert_tokens_to_ids(pieces)
-        if tokenizer.unk_token_id in ids and tokenizer.unk_token not in pieces:
-            raise UserError(f"The adapter's identifier tokens {pieces} are not in this base model's vocabulary.")
-        vectors = torch.stack([tensors[EMBEDDING_PREFIX + p].float() for p in pieces])
-        return cls(ids, vectors, pieces)
-
-
-def collect_adapter_tensors(unet, text_encoder=None, token_embedding: TokenEmbedding | None = None) -> dict[str, torch.Tensor]:
+def collect_adapter_tensors(unet, text_encoder=None, identifier: IdentifierEmbedding | None = None) -> dict[str, torch.Tensor]:
     """The trained LoRA weights in diffusers' layout (`unet.` / `text_encoder.` prefixes), in fp32."""
     tensors = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
     if text_encoder is not None and any("lora_" in n for n, _ in text_encoder.named_parameters()):
         te_state = get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER_NAME)
         tensors.update({f"text_encoder.{k}": v for k, v in te_state.items()})
-    if token_embedding is not None:
-        tensors.update(token_embedding.state())
+    if identifier is not None:
+        tensors.update(identifier.state())
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}

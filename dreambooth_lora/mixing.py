@@ -18,8 +18,9 @@ import math
 
 import torch
 
+from .adapter_file import AdapterFile, LayerFactors, check_new_name, read_adapter, store_adapter
 from .errors import UserError
-from .adapter_file import EMBEDDING_PREFIX, AdapterFile, LayerFactors, check_new_name, read_adapter, store_adapter
+from .identifier import mix_identifiers
 from .library import AdapterEntry, Library
 from .resize import svd_factorize
 
@@ -93,15 +94,15 @@ def mix_adapters(library: Library, specs: list[tuple[str, float]], new_name: str
         "class_noun": " ".join(dict.fromkeys(e.class_noun for e in entries if e.class_noun)),
         "base_model": entries[0].base_model, "fingerprint": entries[0].fingerprint, "steps": 0,
         "text_encoder": "lora" if any(k.startswith("text_encoder.") for k in layers) else "none",
-        "train_token_embedding": any(a.embeddings for a in adapters),
+        "train_token_embedding": any(a.identifiers for a in adapters),
         "mix": {"method": method, "rank": rank if method == "svd" else None,
                 "parts": [{"name": e.name, "id": e.id, "weight": w} for e, w in parts]},
     }
-    embeddings = _mixed_embeddings(entries[0].base_model, parts, adapters)
-    entry = store_adapter(library, AdapterFile(layers, embeddings, meta), samples)
+    identifiers = _mixed_identifiers(entries[0].base_model, parts, adapters)
+    entry = store_adapter(library, AdapterFile(layers, identifiers, meta), samples)
     report = {"method": method, "exact": method == "cat" or (method == "svd" and _all_exact(per_layer)),
               "parts": meta["mix"]["parts"], "rank": entry.rank, "layers": len(layers),
-              "embeddings": sorted(embeddings), "size_bytes": entry.file.stat().st_size}
+              "identifiers": sorted(identifiers), "size_bytes": entry.file.stat().st_size}
     if method == "svd":
         report["max_relative_error"] = max((p["relative_error"] for p in per_layer.values()), default=0.0)
         report["per_layer"] = per_layer
@@ -123,18 +124,14 @@ def _all_exact(per_layer: dict) -> bool:
     return all(p["relative_error"] < 1e-6 for p in per_layer.values())
 
 
-def _mixed_embeddings(base_model: str, parts, adapters) -> dict[str, torch.Tensor]:
-    """Identifier rows mixed exactly as AdapterSession mixes them, so the saved mix loads with weight 1 to the same."""
-    deltas = {}
-    for adapter, (_, weight) in zip(adapters, parts):
-        for piece, vector in adapter.embeddings.items():
-            deltas.setdefault(piece, []).append((vector, weight))
-    if not deltas:
+def _mixed_identifiers(base_model: str, parts, adapters) -> dict[str, torch.Tensor]:
+    """Identifiers mixed exactly as AdapterSession mixes them, so the saved mix loads with weight 1 to the same."""
+    if not any(adapter.identifiers for adapter in adapters):
         return {}
-    from .generate import check_compatible, mixed_token_embedding
+    from .generate import check_compatible
     from .models import load_base_model
 
     model = load_base_model(base_model)
     check_compatible(parts[0][0], model)
-    mixed = mixed_token_embedding(model, {EMBEDDING_PREFIX + piece: pairs for piece, pairs in deltas.items()})
-    return {key.removeprefix(EMBEDDING_PREFIX): vector for key, vector in mixed.state().items()}
+    table = model.text_encoder.get_input_embeddings().weight
+    return mix_identifiers([(adapter.identifiers, weight) for adapter, (_, weight) in zip(adapters, parts)], model.tokenizer, table)

@@ -102,7 +102,7 @@ def resize_adapter(library: Library, name: str, energy: float | None, rank: int 
         per_layer[key] = {"rank": down.shape[0], "relative_error": round(error, 6)}
     meta = {**entry.meta, "name": new_name,
             "resized_from": {"name": entry.name, "id": entry.id, "energy": energy, "rank": rank}}
-    new_entry = store_adapter(library, AdapterFile(layers, dict(weights.embeddings), meta))
+    new_entry = store_adapter(library, AdapterFile(layers, dict(weights.identifiers), meta))
     ranks = [layer["rank"] for layer in per_layer.values()]
     return new_entry, {
         "size_bytes_before": entry.file.stat().st_size, "size_bytes_after": new_entry.file.stat().st_size,

@@ -19,9 +19,8 @@ from .faults import fault_point
 from .images import load_subject_images
 from .jobs import CHECKPOINT_FILE, Jobs
 from .library import AdapterEntry, Library
+from .identifier import IdentifierEmbedding, from_file_tensors
 from .lora import (
-    EMBEDDING_PREFIX,
-    TokenEmbedding,
     attach_text_encoder_lora,
     attach_unet_lora,
     collect_adapter_tensors,
@@ -352,9 +351,9 @@ def sample_latents(instance, prior, batch: int, generator: torch.Generator) -> t
 class Trainables:
     """What learns in a run (UNet LoRA, optional text-encoder LoRA, optional identifier embedding)."""
 
-    def __init__(self, model: BaseModel, config: TrainConfig, device, autocast_dtype):
+    def __init__(self, model: BaseModel, config: TrainConfig, device, autocast_dtype, identifier: IdentifierEmbedding | None):
         self.model, self.config, self.device, self.autocast_dtype = model, config, device, autocast_dtype
-        self.token_embedding: TokenEmbedding | None = None
+        self.identifier = identifier  # its tokenizer is model.tokenizer for the run (attach_trainables)
         self.prompt_ids = model.tokenizer(
             [config.instance_prompt, config.class_prompt], padding="max_length",
             max_length=model.tokenizer.model_max_length, truncation=True, return_tensors="pt",
@@ -365,16 +364,16 @@ class Trainables:
 
     @property
     def text_encoder_trains(self) -> bool:
-        return self.config.text_encoder != "none" or self.token_embedding is not None
+        return self.config.text_encoder != "none" or self.identifier is not None
 
     @property
     def parameters(self) -> list[torch.nn.Parameter]:
         params = lora_parameters(self.model.unet) + lora_parameters(self.model.text_encoder)
-        return params + ([self.token_embedding.vectors] if self.token_embedding else [])
+        return params + ([self.identifier.vectors] if self.identifier else [])
 
     def after_step(self) -> None:
-        if self.token_embedding is not None:
-            self.token_embedding.clamp_norm(self.max_token_norm)
+        if self.identifier is not None:
+            self.identifier.clamp_norm(self.max_token_norm)
 
     def encode(self) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
@@ -393,7 +392,7 @@ class Trainables:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         te = self.model.text_encoder if self.config.text_encoder != "none" else None
-        return collect_adapter_tensors(self.model.unet, te, self.token_embedding)
+        return collect_adapter_tensors(self.model.unet, te, self.identifier)
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict
@@ -402,9 +401,8 @@ class Trainables:
         set_peft_model_state_dict(self.model.unet, strip("unet."), adapter_name="default")
         if self.config.text_encoder != "none":
             set_peft_model_state_dict(self.model.text_encoder, strip("text_encoder."), adapter_name="default")
-        if self.token_embedding is not None:
-            for row, piece in enumerate(self.token_embedding.tokens):
-                self.token_embedding.vectors.data[row] = tensors[EMBEDDING_PREFIX + piece].to(self.device)
+        if self.identifier is not None:
+            self.identifier.load(from_file_tensors(tensors, self.config.token))
 
 
 def attach_trainables(model: BaseModel, config: TrainConfig, device, weight_dtype, autocast_dtype) -> Trainables:
@@ -413,15 +411,18 @@ def attach_trainables(model: BaseModel, config: TrainConfig, device, weight_dtyp
         model.text_encoder = quantize_text_encoder(model.text_encoder, autocast_dtype or torch.float32, device)
     else:
         _move(model.text_encoder, device, weight_dtype)
-    trainables = Trainables(model, config, device, autocast_dtype)
+    identifier = None
+    if config.train_token_embedding:  # a token of its own, one new row (identifier.py); the run's prompts know it
+        identifier = IdentifierEmbedding.new(model.text_encoder, model.tokenizer, config.token).attach(model.text_encoder)
+        model.tokenizer = identifier.tokenizer
+    trainables = Trainables(model, config, device, autocast_dtype, identifier)
     with torch.no_grad():
         states = trainables.encode()
         trainables.separation = torch.nn.functional.cosine_similarity(states[0].flatten(), states[1].flatten(), dim=0).item()
     attach_unet_lora(model.unet, config.rank, config.lora_alpha)
     if config.text_encoder in ("lora", "qlora"):
         attach_text_encoder_lora(model.text_encoder, config.rank, config.lora_alpha)
-    if config.train_token_embedding:
-        trainables.token_embedding = TokenEmbedding.for_token(model.text_encoder, model.tokenizer, config.token).attach(model.text_encoder)
+    if identifier is not None:
         table = model.text_encoder.get_input_embeddings().weight
         trainables.max_token_norm = NORM_ALLOWANCE * table.float().norm(dim=-1).mean().item()
     for param in trainables.parameters:
@@ -464,8 +465,8 @@ def make_optimizer(trainables: Trainables, config: TrainConfig, device=torch.dev
         {"params": [p for n, p in named if "lora_B" not in n], "lr": config.lr},
         {"params": [p for n, p in named if "lora_B" in n], "lr": config.lr * ratio},
     ]
-    if trainables.token_embedding is not None:
-        groups.append({"params": [trainables.token_embedding.vectors], "lr": config.token_lr, "weight_decay": 0.0})
+    if trainables.identifier is not None:
+        groups.append({"params": [trainables.identifier.vectors], "lr": config.token_lr, "weight_decay": 0.0})
     if config.low_memory and device.type == "cuda":
         try:
             import bitsandbytes

@@ -35,9 +35,9 @@ def sample_adapter() -> AdapterFile:
         "text_encoder.encoder.layers.0.self_attn.q_proj": LayerFactors(
             torch.randn(4, 32, generator=generator), torch.randn(32, 4, generator=generator), 4.0),
     }
-    embeddings = {"sks</w>": torch.randn(32, generator=generator)}
+    identifiers = {"sks": torch.randn(1, 32, generator=generator)}
     meta = {"name": "a", "token": "sks", "class_noun": "dog", "steps": 10, "nested": {"list": [1, 2.5, "x"]}}
-    return AdapterFile(layers, embeddings, meta)
+    return AdapterFile(layers, identifiers, meta)
 
 
 def test_written_file_reads_back_identical(tmp_path):
@@ -48,7 +48,7 @@ def test_written_file_reads_back_identical(tmp_path):
     assert back.tensors.keys() == adapter.tensors.keys()
     assert all(torch.equal(back.tensors[k], adapter.tensors[k]) for k in adapter.tensors)
     assert {k: layer.alpha for k, layer in back.layers.items()} == {k: layer.alpha for k, layer in adapter.layers.items()}
-    assert back.embeddings.keys() == {"sks</w>"} and back.max_rank == 4
+    assert back.identifiers.keys() == {"sks"} and back.max_rank == 4
     # and writing what was read gives the same file: nothing is lost on a round trip. (Not byte for byte:
     # safetensors writes its header's metadata map in an order that varies between writes.)
     write_adapter(tmp_path / "again.safetensors", back)

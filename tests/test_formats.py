@@ -144,7 +144,7 @@ def test_diffusers_import_keeps_everything(model, root, tmp_path):
     entry, _ = import_adapter(library, out, None, "builtin:tiny-random", "", "")
     assert entry.name == "a-diffusers" and entry.token == "sks"  # name from the file, token from our metadata
     original, imported = read_adapter(library.get("a").file), read_adapter(entry.file)
-    assert imported.layers.keys() == original.layers.keys() and imported.embeddings.keys() == original.embeddings.keys()
+    assert imported.layers.keys() == original.layers.keys() and imported.identifiers.keys() == original.identifiers.keys()
     assert all(torch.equal(imported.layers[k].up, original.layers[k].up) for k in original.layers)
 
 

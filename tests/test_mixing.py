@@ -15,9 +15,10 @@ import torch
 
 from dreambooth_lora.cli import main
 from dreambooth_lora.errors import UserError
-from dreambooth_lora.adapter_file import EMBEDDING_PREFIX, AdapterFile, read_adapter, write_adapter
+from dreambooth_lora.adapter_file import AdapterFile, read_adapter, write_adapter
 from dreambooth_lora.formats import model_linear_shapes
 from dreambooth_lora.generate import AdapterSession, GenerateSettings
+from dreambooth_lora.identifier import IDENTIFIER_PREFIX, initial_vectors
 from dreambooth_lora.library import Library
 from dreambooth_lora.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from dreambooth_lora.mixing import cat_factors, linear_factors, mix_adapters, mix_deltas
@@ -95,9 +96,8 @@ def add_random_adapter(library, model, name, token, rank, alpha, seed, unet=True
             tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.3
             tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.3
     if token:
-        piece = model.tokenizer.tokenize(token)[0]
-        row = model.text_encoder.get_input_embeddings().weight[model.tokenizer.convert_tokens_to_ids(piece)]
-        tensors[EMBEDDING_PREFIX + piece] = row.detach() + torch.randn(row.shape, generator=generator)
+        init = initial_vectors(token, 1, model.tokenizer, model.text_encoder.get_input_embeddings().weight)
+        tensors[IDENTIFIER_PREFIX + token] = init + torch.randn(init.shape, generator=generator)
     meta = {"id": library.new_adapter_id(), "name": name, "token": token, "class_noun": "dog",
             "base_model": model.name, "fingerprint": fingerprint or model.fingerprint, "rank": rank, "alpha": alpha, "steps": 10}
     staging = library.staging_folder()
@@ -253,7 +253,7 @@ def test_resize_full_rank_is_exact_and_energy_shrinks(model, root):
     layers = read_adapter(smaller.file).layers
     for key, layer in report["per_layer"].items():
         assert layers[key].rank == layer["rank"] and layer["relative_error"] <= math.sqrt(1 - 0.8) + 1e-6
-    assert read_adapter(smaller.file).embeddings.keys() == read_adapter(library.get("a").file).embeddings.keys()
+    assert read_adapter(smaller.file).identifiers.keys() == read_adapter(library.get("a").file).identifiers.keys()
     # per-layer ranks load as they are (diffusers reads rank_pattern from the file's metadata)
     images(model, [(smaller, 1.0)])
 

@@ -19,8 +19,8 @@ from dreambooth_lora.errors import UserError
 from dreambooth_lora.generate import AdapterSession
 from dreambooth_lora.images import load_subject_images
 from dreambooth_lora.library import Library
+from dreambooth_lora.identifier import IdentifierEmbedding
 from dreambooth_lora.lora import (
-    TokenEmbedding,
     attach_text_encoder_lora,
     attach_unet_lora,
 )
@@ -112,11 +112,13 @@ def test_lora_at_step_zero_gives_the_base_model_exactly(tiny_random_builder, ses
         base_unet = unet_output(model, model.text_encoder, noisy, timesteps)
     attach_unet_lora(model.unet, rank=4, alpha=8.0)
     attach_text_encoder_lora(model.text_encoder, rank=4, alpha=8.0)
-    TokenEmbedding.for_token(model.text_encoder, model.tokenizer, "sks").attach(model.text_encoder)
+    model.tokenizer = IdentifierEmbedding.new(model.text_encoder, model.tokenizer, "sks").attach(model.text_encoder).tokenizer
     assert lora_layer_count(model.unet) == 4 * 2 * 4  # to_q/k/v/out of attn1 and attn2; down, mid and 2 up blocks
     assert lora_layer_count(model.text_encoder) == 4 * 2  # q/k/v/out_proj in 2 layers
+    own_ids = prompt_ids(model)  # "sks" is now a token of its own, its row the one of its single piece
+    assert not torch.equal(own_ids, ids)
     with torch.no_grad():
-        assert torch.equal(model.text_encoder(ids)[0], base_text)
+        assert torch.equal(model.text_encoder(own_ids)[0], base_text)
         assert torch.equal(unet_output(model, model.text_encoder, noisy, timesteps), base_unet)
     # ...and it is the zero B matrices that make it so: a non-zero B changes the output.
     with torch.no_grad():
@@ -164,7 +166,7 @@ def test_saved_adapter_reloads_to_the_trained_outputs(trained, session_subject_i
     assert entry.id == result.adapter.id and entry.fingerprint == model.fingerprint
     adapter = read_adapter(entry.file)
     file_modules = {key.split(".lora_")[0] for key in adapter.lora_only()}
-    assert len(adapter.unet_tensors) > 0 and len(adapter.text_encoder_tensors) > 0 and adapter.embedding_tensors
+    assert len(adapter.unet_tensors) > 0 and len(adapter.text_encoder_tensors) > 0 and adapter.identifier_tensors
 
     # A plain diffusers pipeline on a fresh model places every LoRA module the file holds.
     plain = build_tiny_random().pipeline()
@@ -179,10 +181,10 @@ def test_saved_adapter_reloads_to_the_trained_outputs(trained, session_subject_i
     noisy, timesteps, _ = fixed_unet_inputs(fresh, images)
     with torch.no_grad():
         trained_text = model.text_encoder(prompt_ids(model))[0]
-        reloaded_text = session.pipe.text_encoder(prompt_ids(fresh))[0]
+        reloaded_text = session.pipe.text_encoder(prompt_ids(session.pipe))[0]  # the session's tokenizer knows the identifier
     assert torch.allclose(reloaded_text, trained_text, atol=1e-5, rtol=0)
     trained_out = unet_output(model, model.text_encoder, noisy, timesteps)
-    reloaded_out = unet_output(fresh, session.pipe.text_encoder, noisy, timesteps)
+    reloaded_out = unet_output(session.pipe, session.pipe.text_encoder, noisy, timesteps)
     assert torch.allclose(reloaded_out, trained_out, atol=1e-5, rtol=0), (reloaded_out - trained_out).abs().max()
 
     def image(pipe):
@@ -266,9 +268,11 @@ def test_qlora_trains_lora_and_leaves_4bit_weights_alone(tmp_path, session_subje
 def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(tmp_path, session_subject_images,
                                                                                session_prior_dir):
     steps, stop_after = 8, 3
-    library = Library(tmp_path / "data")
-    whole = run_training(library, create_job(library, tiny_config("whole", steps=steps), session_subject_images),
+    # the uninterrupted run in a library of its own: in one library the second subject would get "sks2"
+    alone = Library(tmp_path / "alone")
+    whole = run_training(alone, create_job(alone, tiny_config("whole", steps=steps), session_subject_images),
                          session_prior_dir)
+    library = Library(tmp_path / "data")
 
     job = create_job(library, tiny_config("resumed", steps=steps), session_subject_images)
     seen = []
@@ -299,10 +303,10 @@ def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(t
 
 def test_a_run_depends_on_its_seed_alone_not_on_what_ran_before_in_the_process(tmp_path, session_subject_images,
                                                                                 session_prior_dir):
-    library = Library(tmp_path / "data")
     adapters = []
     for name, global_seed in (("first", 1), ("second", 2)):
         torch.manual_seed(global_seed)  # e.g. the studio's worker ran other jobs before this one
+        library = Library(tmp_path / name)  # one library each: in one, the second subject would be called "sks2"
         result = run_training(library, create_job(library, tiny_config(name, steps=2), session_subject_images),
                               session_prior_dir)
         adapters.append(read_adapter(result.adapter.file).tensors)
