@@ -154,7 +154,7 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
 
     def example_picked(evt: gr.SelectData):
         subject = subjects[evt.index]
-        return {uploads: [str(p) for p in subject_image_paths(subject)], token: "sks", class_noun: SUBJECTS[subject].cls,
+        return {uploads: [str(p) for p in subject_image_paths(subject)], token: SUBJECTS[subject].identifier, class_noun: SUBJECTS[subject].cls,
                 name: subject}
 
     examples.select(example_picked, None, {uploads, token, class_noun, name})

@@ -101,14 +101,15 @@ class Subject:
     cls: str
     pattern: str
     colours: tuple[str, str]
+    identifier: str  # what the studio's example fills in: distinct, so example subjects mix (docs/DESIGN.md, "Identifiers")
 
 
 SUBJECTS: dict[str, Subject] = {
     subject.name: subject
     for subject in (
-        Subject("redyellow-ball", "ball", "split", ("red", "yellow")),
-        Subject("bluecyan-box", "box", "stripes", ("blue", "cyan")),
-        Subject("pinkred-ring", "ring", "halves", ("pink", "red")),
+        Subject("redyellow-ball", "ball", "split", ("red", "yellow"), "rby"),
+        Subject("bluecyan-box", "box", "stripes", ("blue", "cyan"), "bcx"),
+        Subject("pinkred-ring", "ring", "halves", ("pink", "red"), "prx"),
     )
 }
 
