@@ -138,9 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("--adapter", action="append", required=True, metavar="NAME=WEIGHT",
                      help="an adapter and its weight (negative subtracts); repeat for each part")
     mix.add_argument("--name", required=True, help="library name of the mix")
-    mix.add_argument("--method", choices=["cat", "linear", "svd"], default="cat",
-                     help="cat: exact (rank = sum of ranks, default); linear: same ranks, approximate; svd: re-factorised to --rank")
-    mix.add_argument("--rank", type=int, default=None, help="rank of the result for --method svd")
+    mix.add_argument("--method", default="cat", metavar="METHOD",
+                     help="cat: exact (rank = sum of ranks, default); linear: same ranks, approximate; svd: re-factorised to "
+                          "--rank; PEFT's merges ties, dare_linear, dare_ties, magnitude_prune (same ranks; on A and B) and "
+                          "their *_svd variants (on each delta W, then re-factorised to --rank)")
+    mix.add_argument("--rank", type=int, default=None,
+                     help="rank of the result for --method svd and the *_svd merges (default: the largest part rank)")
+    mix.add_argument("--density", type=float, default=None,
+                     help="ties/dare/magnitude_prune merges: the share of values kept, in (0, 1] (required for them)")
+    mix.add_argument("--majority-sign", choices=["total", "frequency"], default=None,
+                     help="ties and dare_ties merges: elect each value's sign by total magnitude (default) or by count")
+    mix.add_argument("--seed", type=int, default=None, help="dare merges: seed of the random mask (default 0)")
 
     serve = command("serve", "Start the web studio (and its background job worker).")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -343,7 +351,8 @@ def cmd_mix(args) -> int:
     from .mixing import mix_adapters
 
     specs = [parse_adapter_spec(spec) for spec in args.adapter]
-    entry, report = mix_adapters(_library(args), specs, args.name, method=args.method, rank=args.rank)
+    entry, report = mix_adapters(_library(args), specs, args.name, method=args.method, rank=args.rank,
+                                 density=args.density, majority_sign=args.majority_sign, seed=args.seed)
     print(json.dumps({"adapter": entry.name, **report}))
     return 0
 

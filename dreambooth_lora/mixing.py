@@ -8,6 +8,8 @@ Per layer the mix means delta W = sum_i w_i s_i B_i A_i with s_i = alpha_i / r_i
   the product has cross terms B_i A_j, so it equals the mix only in special cases. Equal ranks only.
 - `svd`: form delta W and keep its top `rank` singular directions; exact when `rank` reaches the sum of
   ranks, otherwise the relative Frobenius error of each layer is reported.
+- `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` and their `*_svd` variants: PEFT's merge rules, applied
+  in merges.py (`--density`, `--majority-sign`, `--seed`).
 A layer present in only some adapters mixes only those. Identifier embeddings mix as in AdapterSession:
 base + sum_i w_i (learned_i - base), which needs the base model's embedding table.
 """
@@ -22,9 +24,10 @@ from .adapter_file import AdapterFile, LayerFactors, check_new_name, read_adapte
 from .errors import UserError
 from .identifier import mix_identifiers
 from .library import AdapterEntry, Library
+from .merges import FACTOR_METHODS, SIGNED, SVD_METHODS, Merger, MergeOptions, rule_of
 from .resize import svd_factorize
 
-METHODS = ("cat", "linear", "svd")
+METHODS = ("cat", "linear", "svd") + FACTOR_METHODS + SVD_METHODS
 
 
 def mix_deltas(ups: list[torch.Tensor], downs: list[torch.Tensor], scales: list[float], weights: list[float]) -> torch.Tensor:
@@ -51,7 +54,8 @@ def linear_factors(ups, downs, scales, weights) -> tuple[torch.Tensor, torch.Ten
 
 
 def mix_adapters(library: Library, specs: list[tuple[str, float]], new_name: str, method: str = "cat",
-                 rank: int | None = None, samples=()) -> tuple[AdapterEntry, dict]:
+                 rank: int | None = None, samples=(), density: float | None = None, majority_sign: str | None = None,
+                 seed: int | None = None) -> tuple[AdapterEntry, dict]:
     """Combine library adapters by weight into a new library entry (with `samples`, PIL images of the mix, as its
     samples); returns it and a report."""
     from .generate import base_model_for
@@ -59,34 +63,47 @@ def mix_adapters(library: Library, specs: list[tuple[str, float]], new_name: str
     if not specs:
         raise UserError("mix needs at least one --adapter NAME=WEIGHT.")
     if method not in METHODS:
-        raise UserError(f"--method {method!r}: use cat (exact), linear or svd.")
-    if rank is not None and method != "svd":
-        raise UserError(f"--rank applies to --method svd only; --method {method} sets the rank itself.")
+        raise UserError(f"--method {method!r}: use cat (exact), linear, svd, or a merge: {', '.join(FACTOR_METHODS + SVD_METHODS)}.")
+    svd_like = method == "svd" or method in SVD_METHODS
+    if rank is not None and not svd_like:
+        raise UserError(f"--rank applies to --method svd and the *_svd merges only; --method {method} sets the rank itself.")
+    options = _merge_options(method, density, majority_sign, seed)
     parts = [(library.get(name), float(weight)) for name, weight in specs]
     base_model_for(parts, None, "")  # refuses adapters trained on different base models
     check_new_name(library, new_name)
     adapters = [read_adapter(entry.file) for entry, _ in parts]
-    if method == "svd":
+    if svd_like:
         full = max(sum(a.layers[k].rank for a in adapters if k in a.layers) for k in _layer_keys(adapters))
         rank = rank if rank is not None else max(a.max_rank for a in adapters)  # PEFT's default: the largest part rank
-        if not 1 <= rank <= full:
+        if method == "svd" and not 1 <= rank <= full:
             raise UserError(f"--rank {rank}: must be from 1 to {full} (the sum of the parts' ranks, where svd is exact).")
-    if method == "linear":
-        _check_equal_ranks(parts, adapters)
+        if not 1 <= rank <= 4096:
+            raise UserError(f"--rank {rank}: must be from 1 to 4096.")
+    if method == "linear" or method in FACTOR_METHODS:
+        _check_equal_ranks(parts, adapters, method)
 
     layers, per_layer = {}, {}
-    for key in _layer_keys(adapters):
-        present = [(a.layers[key], w) for a, (_, w) in zip(adapters, parts) if key in a.layers]
-        ups, downs = [f.up for f, _ in present], [f.down for f, _ in present]
-        scales, weights = [f.scale for f, _ in present], [w for _, w in present]
-        if method == "cat":
-            up, down = cat_factors(ups, downs, scales, weights)
-        elif method == "linear":
-            up, down = linear_factors(ups, downs, scales, weights)
-        else:
-            up, down, error = svd_factorize(mix_deltas(ups, downs, scales, weights), rank)
-            per_layer[key] = {"rank": down.shape[0], "relative_error": round(error, 6)}
-        layers[key] = LayerFactors(down.float(), up.float(), float(down.shape[0]))  # alpha = rank: scale 1
+    merger = Merger(method, options) if options else None
+    with torch.random.fork_rng(devices=[]):  # DARE draws from the global generator, as in PEFT (merges.py)
+        for key in _layer_keys(adapters):
+            present = [(a.layers[key], w) for a, (_, w) in zip(adapters, parts) if key in a.layers]
+            ups, downs = [f.up for f, _ in present], [f.down for f, _ in present]
+            scales, weights = [f.scale for f, _ in present], [w for _, w in present]
+            if method in FACTOR_METHODS:
+                layers[key] = merger.factors(present)
+                continue
+            if method == "cat":
+                up, down = cat_factors(ups, downs, scales, weights)
+            elif method == "linear":
+                up, down = linear_factors(ups, downs, scales, weights)
+            else:
+                if method == "svd":
+                    up, down, error = svd_factorize(mix_deltas(ups, downs, scales, weights), rank)
+                else:
+                    merged, error = merger.svd(present, rank)
+                    up, down = merged.up, merged.down
+                per_layer[key] = {"rank": down.shape[0], "relative_error": round(error, 6)}
+            layers[key] = LayerFactors(down.float(), up.float(), float(down.shape[0]))  # alpha = rank: scale 1
 
     entries = [entry for entry, _ in parts]
     meta = {
@@ -95,15 +112,18 @@ def mix_adapters(library: Library, specs: list[tuple[str, float]], new_name: str
         "base_model": entries[0].base_model, "fingerprint": entries[0].fingerprint, "steps": 0,
         "text_encoder": "lora" if any(k.startswith("text_encoder.") for k in layers) else "none",
         "train_token_embedding": any(a.identifiers for a in adapters),
-        "mix": {"method": method, "rank": rank if method == "svd" else None,
-                "parts": [{"name": e.name, "id": e.id, "weight": w} for e, w in parts]},
+        "mix": {"method": method, "rank": rank if svd_like else None,
+                "parts": [{"name": e.name, "id": e.id, "weight": w} for e, w in parts],
+                **({"density": options.density, "majority_sign": options.majority_sign, "seed": options.seed} if options else {})},
     }
     identifiers = _mixed_identifiers(entries[0].base_model, parts, adapters)
     entry = store_adapter(library, AdapterFile(layers, identifiers, meta), samples)
     report = {"method": method, "exact": method == "cat" or (method == "svd" and _all_exact(per_layer)),
               "parts": meta["mix"]["parts"], "rank": entry.rank, "layers": len(layers),
               "identifiers": sorted(identifiers), "size_bytes": entry.file.stat().st_size}
-    if method == "svd":
+    if options:
+        report.update(density=options.density, majority_sign=options.majority_sign, seed=options.seed)
+    if svd_like:
         report["max_relative_error"] = max((p["relative_error"] for p in per_layer.values()), default=0.0)
         report["per_layer"] = per_layer
     return entry, report
@@ -113,11 +133,28 @@ def _layer_keys(adapters: list[AdapterFile]) -> list[str]:
     return sorted({key for adapter in adapters for key in adapter.layers})
 
 
-def _check_equal_ranks(parts, adapters) -> None:
+def _merge_options(method: str, density, majority_sign, seed) -> MergeOptions | None:
+    """The merge's options, or None for cat/linear/svd; an option that does not apply to `method` is refused."""
+    merge = method in FACTOR_METHODS + SVD_METHODS
+    if not merge:
+        given = [flag for flag, value in (("--density", density), ("--majority-sign", majority_sign), ("--seed", seed)) if value is not None]
+        if given:
+            raise UserError(f"{given[0]} applies to the ties/dare/magnitude_prune merges only, not --method {method}.")
+        return None
+    if density is None:
+        raise UserError(f"--method {method} needs --density D (the share of values kept, e.g. 0.5).")
+    if majority_sign is not None and rule_of(method) not in SIGNED:
+        raise UserError(f"--majority-sign applies to ties and dare_ties merges only, not --method {method}.")
+    if seed is not None and not rule_of(method).startswith("dare"):
+        raise UserError(f"--seed applies to the dare merges only (their random mask), not --method {method}.")
+    return MergeOptions(float(density), majority_sign or "total", int(seed or 0))
+
+
+def _check_equal_ranks(parts, adapters, method: str = "linear") -> None:
     ranks = {entry.name: sorted({layer.rank for layer in a.layers.values()}) for (entry, _), a in zip(parts, adapters)}
     if len({tuple(r) for r in ranks.values()}) > 1 or any(len(r) > 1 for r in ranks.values()):
         listing = ", ".join(f"{name} rank {'/'.join(map(str, r))}" for name, r in ranks.items())
-        raise UserError(f"--method linear needs adapters of one equal rank ({listing}); use --method cat or svd.")
+        raise UserError(f"--method {method} needs adapters of one equal rank ({listing}); use --method cat, svd or {method.removesuffix('_svd')}_svd.")
 
 
 def _all_exact(per_layer: dict) -> bool:
