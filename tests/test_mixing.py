@@ -211,7 +211,7 @@ def test_linear_mix_needs_equal_ranks(root):
     (["--adapter", "nosuch=1"], "No adapter named 'nosuch'"),
     (["--adapter", "a=1", "--method", "svd", "--rank", "0"], "--rank 0: must be from 1 to 4"),
     (["--adapter", "a=1", "--adapter", "b=1", "--method", "svd", "--rank", "9"], "--rank 9: must be from 1 to 8"),
-    (["--adapter", "a=1", "--rank", "2"], "--rank applies to --method svd only"),
+    (["--adapter", "a=1", "--rank", "2"], "--rank applies to --method svd and the *_svd merges only"),
     (["--adapter", "a=1", "--adapter", "c=1", "--method", "linear"], "needs adapters of one equal rank"),
     (["--adapter", "a=1", "--name", "a"], "already exists"),
 ])
