@@ -17,7 +17,7 @@ from PIL import Image
 
 from app import views
 from app.views import PRESETS
-from dreambooth_lora.config import TEXT_ENCODER_MODES
+from dreambooth_lora.config import ADAPTER_TYPES, TEXT_ENCODER_MODES
 from dreambooth_lora.errors import UserError
 from dreambooth_lora.generate import AdapterSession, GenerateSettings, base_model_for, resolve_adapters
 from dreambooth_lora.images import photo_problem
@@ -127,6 +127,9 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
                                                info="auto: on for built-in models")
                     checkpoint_every = gr.Number(label="Checkpoint every (steps)", value=100, precision=0,
                                                  info="and every 2 minutes; 0: by time only")
+                with gr.Row():
+                    adapter_type = gr.Radio(list(ADAPTER_TYPES), value="lora", label="Adapter type", elem_id="adv-adapter-type",
+                                            info=views.ADAPTER_TYPE_INFO)
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="start-training")
             start_message = gr.Markdown(elem_id="start-message")
@@ -160,7 +163,7 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
     examples.select(example_picked, None, {uploads, token, class_noun, name})
 
     form = [token, class_noun, name, base_model, preset, steps, rank, alpha, prior_weight, num_class_images, lr,
-            resolution, text_encoder, loraplus, seed, token_embedding, checkpoint_every]
+            resolution, text_encoder, loraplus, seed, token_embedding, checkpoint_every, adapter_type]
 
     @shows_errors(start_message)
     def start_clicked(files, *form_values):
