@@ -21,6 +21,7 @@ from PIL import Image, PngImagePlugin
 
 from .errors import UserError
 from .library import AdapterEntry, Library
+from .adapter_types import DoRA
 from .adapter_file import COMPONENTS, EMBEDDING_PREFIX, AdapterFile, diffusers_layer_config, read_adapter
 from .lora import TokenEmbedding
 from .models import BaseModel, load_base_model
@@ -117,8 +118,11 @@ class AdapterSession:
             adapter = read_adapter(entry.file)
             strengths = {"unet": unet_weight, "text_encoder": text_weight}
             if attach_adapter(self.pipe, adapter, adapter_name, entry.name, skip={c for c, w in strengths.items() if w == 0}):
-                names.append(adapter_name)
-                weights.append(strengths)
+                # PEFT computes a DoRA layer against the output of the adapters active before it: DoRA first
+                # keeps it relative to the base model, as mixing.py assumes (exact with one DoRA adapter per mix).
+                first = any(isinstance(layer, DoRA) for layer in adapter.layers.values())
+                names.insert(0 if first else len(names), adapter_name)
+                weights.insert(0 if first else len(weights), strengths)
                 self.loaded[entry.id] = adapter_name
             if text_weight != 0:
                 for key, vector in adapter.embedding_tensors.items():
