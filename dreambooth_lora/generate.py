@@ -117,7 +117,9 @@ class AdapterSession:
             unet_weight, text_weight = split_weight(weight)
             adapter = read_adapter(entry.file)
             strengths = {"unet": unet_weight, "text_encoder": text_weight}
-            if attach_adapter(self.pipe, adapter, adapter_name, entry.name, skip={c for c, w in strengths.items() if w == 0}):
+            attached = attach_adapter(self.pipe, adapter, adapter_name, entry.name, skip={c for c, w in strengths.items() if w == 0})
+            strengths = {component: strengths[component] for component in attached}  # diffusers warns about the others
+            if attached:
                 # PEFT computes a DoRA layer against the output of the adapters active before it: DoRA first
                 # keeps it relative to the base model, as mixing.py assumes (exact with one DoRA adapter per mix).
                 first = any(isinstance(layer, DoRA) for layer in adapter.layers.values())
@@ -175,10 +177,10 @@ def check_compatible(entry: AdapterEntry, model: BaseModel) -> None:
         )
 
 
-def attach_adapter(pipe, adapter: AdapterFile, adapter_name: str, label: str, skip=frozenset()) -> bool:
+def attach_adapter(pipe, adapter: AdapterFile, adapter_name: str, label: str, skip=frozenset()) -> list[str]:
     """Attach each component's layers through PEFT (config from the file's ranks and alphas), then check every
-    layer in the file was placed; components in `skip` stay off. Returns whether anything was attached."""
-    attached = False
+    layer in the file was placed; components in `skip` stay off. Returns the components attached."""
+    attached = []
     for component in COMPONENTS:
         cls = adapter.component_type(component)
         if cls is None or component in skip:
@@ -206,7 +208,7 @@ def attach_adapter(pipe, adapter: AdapterFile, adapter_name: str, label: str, sk
         if placed != len(mine) or unexpected:
             pipe.delete_adapters(adapter_name)
             raise UserError(f"Adapter {label!r}: only {placed} of its {len(mine)} {component} layers fit this base model.")
-        attached = True
+        attached.append(component)
     return attached
 
 

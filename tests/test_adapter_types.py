@@ -140,6 +140,25 @@ def test_export_import_round_trip_gives_the_same_images(trained, base_images, tm
         assert same(generate(trained, tmp_path, f"back-{fmt}", back.name), original)
 
 
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_diffusers_export_loads_in_a_plain_pipeline(trained, tmp_path, capsys, kind):
+    """An independent loader: diffusers' load_lora_weights places every layer (DoRA ones as DoRA) and draws the same."""
+    from peft.tuners.lora import LoraLayer
+
+    from dreambooth_lora.models import load_base_model
+
+    out = tmp_path / f"{kind}.safetensors"
+    assert main(["library", "--data-root", str(trained), "export", kind, "--format", "diffusers", "--out", str(out)]) == 0
+    capsys.readouterr()
+    pipe = load_base_model("builtin:tiny-random").pipeline()
+    pipe.load_lora_weights(str(out))
+    layers = [m for m in pipe.unet.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == 32 and all(any(m.use_dora.values()) == (kind == "dora") for m in layers)
+    image = pipe([PROMPT], num_inference_steps=4, guidance_scale=5.0, height=64, width=64,
+                 generator=[torch.Generator("cpu").manual_seed(3)]).images[0]
+    assert same(np.asarray(image, dtype=np.float64)[None], generate(trained, tmp_path, "session", kind))
+
+
 COMFY_CLIP = re.compile(r"lora_te_text_model_encoder_layers_(\d+)_(mlp_fc1|mlp_fc2|self_attn_[qkv]_proj|self_attn_out_proj)")
 COMFY_SUFFIXES = {"lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "dora_scale", "hada_w1_a", "hada_w1_b",
                   "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b",
