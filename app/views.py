@@ -214,6 +214,13 @@ def adapter_details(entry: AdapterEntry | None) -> str:
 
 
 # ----------------------------------------------------------------------------- Generate
+def adapter_specs(chosen, text_apart, weights, text_weights) -> list[tuple[str, object]]:
+    """The Generate tab's adapters as (name, weight) or, with text strengths set apart, (name, (unet, text))."""
+    if not text_apart:
+        return [(name, float(weight)) for name, weight in zip(chosen or [], weights)]
+    return [(name, (float(weight), float(text))) for name, weight, text in zip(chosen or [], weights, text_weights)]
+
+
 def mix_parts(entry: AdapterEntry) -> str | None:
     mix = entry.meta.get("mix")
     from dreambooth_lora.generate import format_weight  # a part's weight may be a (UNet, text) pair
