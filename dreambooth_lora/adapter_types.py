@@ -141,7 +141,7 @@ class DoRA(LoRA):
     def from_kohya(cls, parts: dict, out_features: int, in_features: int) -> "DoRA":
         lora = LoRA.from_kohya(parts, out_features, in_features)
         scale = parts["dora_scale"]
-        if tuple(scale.shape) == (1, in_features) and in_features != out_features:
+        if tuple(scale.shape) == (1, in_features) and scale.numel() > 1:
             raise ShapeError(f"dora_scale has shape {tuple(scale.shape)}: a magnitude per input column (older LyCORIS "
                              "files), which PEFT's DoRA (one per output row) cannot hold")
         _expect("dora_scale", scale, (out_features, 1))

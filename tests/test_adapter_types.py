@@ -5,7 +5,6 @@ images, kohya keys follow ComfyUI's SD 1.x rule, strengths per component, mixing
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -14,11 +13,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from dreambooth_lora.adapter_file import AdapterFile, read_adapter, store_adapter
-from dreambooth_lora.adapter_types import ADAPTER_TYPES, DoRA, LoHa, LoKr, LoRA
+from dreambooth_lora.adapter_types import ADAPTER_TYPES, DoRA, LoHa, LoKr
 from dreambooth_lora.cli import main
 from dreambooth_lora.formats import kohya_name, model_linear_shapes
 from dreambooth_lora.library import Library
-from dreambooth_lora.lora import ADAPTER_NAME, UNET_TARGETS, attach_unet_lora, collect_adapter_tensors
+from dreambooth_lora.lora import ADAPTER_NAME, attach_unet_lora, collect_adapter_tensors
 from dreambooth_lora.mixing import base_layer_weights
 
 TYPES = list(ADAPTER_TYPES)
@@ -159,7 +158,6 @@ def test_diffusers_export_loads_in_a_plain_pipeline(trained, tmp_path, capsys, k
     assert same(np.asarray(image, dtype=np.float64)[None], generate(trained, tmp_path, "session", kind))
 
 
-COMFY_CLIP = re.compile(r"lora_te_text_model_encoder_layers_(\d+)_(mlp_fc1|mlp_fc2|self_attn_[qkv]_proj|self_attn_out_proj)")
 COMFY_SUFFIXES = {"lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "dora_scale", "hada_w1_a", "hada_w1_b",
                   "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b",
                   "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
