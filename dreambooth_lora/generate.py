@@ -112,19 +112,20 @@ class AdapterSession:
             check_compatible(entry, self.model)
         self.clear()
         names, weights, embedding_deltas = [], [], {}
-        for index, (entry, weight) in enumerate(adapters):
+        files = [read_adapter(entry.file) for entry, _ in adapters]
+        # PEFT computes a DoRA layer against the output of what runs before it (an inner wrapper, an adapter active
+        # earlier): DoRA adapters are attached and activated first, so each stays relative to the base model, as
+        # mixing.py assumes (exact with one DoRA adapter in a mix).
+        order = sorted(range(len(adapters)), key=lambda i: not any(isinstance(l, DoRA) for l in files[i].layers.values()))
+        for index in order:
+            (entry, weight), adapter = adapters[index], files[index]
             adapter_name = f"adapter{index}"
             unet_weight, text_weight = split_weight(weight)
-            adapter = read_adapter(entry.file)
             strengths = {"unet": unet_weight, "text_encoder": text_weight}
             attached = attach_adapter(self.pipe, adapter, adapter_name, entry.name, skip={c for c, w in strengths.items() if w == 0})
-            strengths = {component: strengths[component] for component in attached}  # diffusers warns about the others
             if attached:
-                # PEFT computes a DoRA layer against the output of the adapters active before it: DoRA first
-                # keeps it relative to the base model, as mixing.py assumes (exact with one DoRA adapter per mix).
-                first = any(isinstance(layer, DoRA) for layer in adapter.layers.values())
-                names.insert(0 if first else len(names), adapter_name)
-                weights.insert(0 if first else len(weights), strengths)
+                names.append(adapter_name)
+                weights.append({component: strengths[component] for component in attached})  # diffusers warns about others
                 self.loaded[entry.id] = adapter_name
             if text_weight != 0:
                 for key, vector in adapter.embedding_tensors.items():

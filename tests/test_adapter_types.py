@@ -214,15 +214,15 @@ def test_dora_at_zero_is_the_base_model(trained, base_images, tmp_path):
     assert differs(generate(trained, tmp_path, "dora05", "dora=0.5"), base_images)
 
 
-@pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])
-def test_cat_mix_of_each_type_equals_loading_the_parts(trained, tmp_path, capsys, kind):
-    expected = generate(trained, tmp_path, "parts", f"{kind}=0.7", "lora=-0.3")
-    assert main(["mix", "--data-root", str(trained), "--adapter", f"{kind}=0.7", "--adapter", "lora=-0.3",
-                 "--name", f"mix-{kind}", "--method", "cat"]) == 0
+@pytest.mark.parametrize("kind, partner", [("dora", "lora"), ("loha", "lora"), ("lokr", "lora"), ("loha", "dora")])
+def test_cat_mix_of_each_type_equals_loading_the_parts(trained, tmp_path, capsys, kind, partner):
+    expected = generate(trained, tmp_path, "parts", f"{kind}=0.7", f"{partner}=-0.3")
+    assert main(["mix", "--data-root", str(trained), "--adapter", f"{kind}=0.7", "--adapter", f"{partner}=-0.3",
+                 "--name", f"mix-{kind}-{partner}", "--method", "cat"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["exact"] and report["max_relative_error"] < 1e-5 and report["types"] == sorted({kind, "lora"})
-    assert same(generate(trained, tmp_path, "mix", f"mix-{kind}"), expected)
-    assert main(["mix", "--data-root", str(trained), "--adapter", f"{kind}=0.7", "--name", f"svd-{kind}",
+    assert report["exact"] and report["max_relative_error"] < 1e-5 and report["types"] == sorted({kind, partner})
+    assert same(generate(trained, tmp_path, "mix", f"mix-{kind}-{partner}"), expected)
+    assert main(["mix", "--data-root", str(trained), "--adapter", f"{kind}=0.7", "--name", f"svd-{kind}-{partner}",
                  "--method", "svd", "--rank", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert not report["exact"] and 0 < report["max_relative_error"] < 1
