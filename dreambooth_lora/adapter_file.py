@@ -74,8 +74,12 @@ class AdapterFile:
         return sum(layer.num_params for layer in self.layers.values()) + sum(v.numel() for v in self.embeddings.values())
 
     def component_type(self, component: str) -> type | None:
+        """The one adapter type of a component's layers (None without layers); PEFT attaches one config per component."""
         types = {type(layer) for key, layer in self.layers.items() if key.partition(".")[0] == component}
-        return types.pop() if len(types) == 1 else None if not types else _mixed_types(component, types)
+        if len(types) > 1:
+            names = ", ".join(sorted(cls.name for cls in types))
+            raise UserError(f"The {component} layers mix adapter types ({names}); an adapter holds one type per component.")
+        return types.pop() if types else None
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -197,21 +201,12 @@ def layers_from_tensors(tensors: dict, alpha_of: Callable[[str, str, int], float
     for layer_key, parts in grouped.items():
         component, _, module = layer_key.partition(".")
         cls = type_of_peft_parts(parts)
-        missing = [name for name in cls.peft_keys if name not in parts and not (cls is LoKr)]
-        if cls is LoKr and not (("lokr_w1" in parts or "lokr_w1_a" in parts) and ("lokr_w2" in parts or "lokr_w2_a" in parts)):
-            missing = ["lokr_w1/lokr_w2"]
+        missing = cls.missing(parts)
         if missing:
-            raise UserError(f"{source}: layer {layer_key!r} has no {missing[0]} weight beside its {sorted(parts)[0]}.")
-        rank_hint = parts["lora_A.weight"].shape[0] if "lora_A.weight" in parts else parts["hada_w1_b"].shape[0] if "hada_w1_b" in parts else None
-        rank = rank_of(component, module) if cls is LoKr else None
-        alpha = alpha_of(component, module, rank_hint if rank_hint is not None else (rank or 1))
-        layers[layer_key] = cls.from_tensors(parts, alpha, rank)
+            raise UserError(f"{source}: layer {layer_key!r} has no {missing} weight beside its {sorted(parts)[0]}.")
+        rank = rank_of(component, module) if cls is LoKr else cls.rank_of(parts)  # LoKr's shapes may not show it
+        layers[layer_key] = cls.from_tensors(parts, alpha_of(component, module, rank or 1), rank)
     return layers
-
-
-def _mixed_types(component: str, types: set) -> None:
-    names = ", ".join(sorted(cls.name for cls in types))
-    raise UserError(f"The {component} layers mix adapter types ({names}); an adapter holds one type per component.")
 
 
 def _embeddings(tensors: dict) -> dict[str, torch.Tensor]:

@@ -74,6 +74,15 @@ class LoRA:
     def from_tensors(cls, parts: dict, alpha: float, rank: int | None = None) -> "LoRA":
         return cls(parts["lora_A.weight"].float(), parts["lora_B.weight"].float(), float(alpha))
 
+    @classmethod
+    def missing(cls, parts: dict) -> str | None:
+        """The first PEFT tensor this type needs that `parts` lacks."""
+        return next((key for key in cls.peft_keys if key not in parts), None)
+
+    @staticmethod
+    def rank_of(parts: dict) -> int:
+        return parts["lora_A.weight"].shape[0]
+
     def check(self, out_features: int, in_features: int) -> None:
         _expect("down (lora_A)", self.down, (self.rank, in_features))
         _expect("up (lora_B)", self.up, (out_features, self.rank))
@@ -198,6 +207,14 @@ class LoHa:
     def from_tensors(cls, parts: dict, alpha: float, rank: int | None = None) -> "LoHa":
         return cls(*(parts[k].float() for k in cls.peft_keys), float(alpha))
 
+    @classmethod
+    def missing(cls, parts: dict) -> str | None:
+        return next((key for key in cls.peft_keys if key not in parts), None)
+
+    @staticmethod
+    def rank_of(parts: dict) -> int:
+        return parts["hada_w1_b"].shape[0]
+
     def check(self, out_features: int, in_features: int) -> None:
         r = self.rank
         for key, tensor, shape in zip(self.peft_keys, self.tensors().values(),
@@ -275,6 +292,13 @@ class LoKr:
         if rank is None:  # not in the metadata: what PEFT would have had to be given for these shapes
             rank = parts["lokr_w2_a"].shape[1] if "lokr_w2_a" in parts else max(parts["lokr_w2"].shape)
         return cls(parts, float(alpha), int(rank))
+
+    @classmethod
+    def missing(cls, parts: dict) -> str | None:
+        for full, pair in (("lokr_w1", ("lokr_w1_a", "lokr_w1_b")), ("lokr_w2", ("lokr_w2_a", "lokr_w2_b"))):
+            if full not in parts and not all(key in parts for key in pair):
+                return f"{full} (or {pair[0]}/{pair[1]})"
+        return None
 
     @staticmethod
     def split(out_features: int, in_features: int) -> tuple[tuple[int, int], tuple[int, int]]:
