@@ -41,7 +41,6 @@ class LoRA:
     name: ClassVar[str] = "lora"
     peft_keys: ClassVar[tuple] = ("lora_A.weight", "lora_B.weight")
     kohya_keys: ClassVar[tuple] = ("lora_down.weight", "lora_up.weight")
-    help: ClassVar[str] = "rank r of the product B A; scale alpha / r"
 
     @property
     def rank(self) -> int:
@@ -118,7 +117,6 @@ class DoRA(LoRA):
     name: ClassVar[str] = "dora"
     peft_keys: ClassVar[tuple] = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
     kohya_keys: ClassVar[tuple] = ("lora_down.weight", "lora_up.weight", "dora_scale")
-    help: ClassVar[str] = "LoRA's rank and alpha for the direction update, plus one learned magnitude per output row"
 
     def delta(self, base: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
         # At strength 0 the adapter is off (not m * W / ||W||, which differs from W): the slider deactivates it.
@@ -176,7 +174,6 @@ class LoHa:
     name: ClassVar[str] = "loha"
     peft_keys: ClassVar[tuple] = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
     kohya_keys: ClassVar[tuple] = peft_keys
-    help: ClassVar[str] = "rank r of each of the two products (their Hadamard product reaches rank r^2); scale alpha / r"
 
     @property
     def rank(self) -> int:
@@ -255,8 +252,6 @@ class LoKr:
     name: ClassVar[str] = "lokr"
     peft_keys: ClassVar[tuple] = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
     kohya_keys: ClassVar[tuple] = peft_keys
-    help: ClassVar[str] = ("rank r of the second Kronecker factor when r < half its size (else both factors are full); "
-                           "scale alpha / r")
 
     @property
     def scale(self) -> float:
