@@ -193,16 +193,22 @@ def attach_adapter(pipe, adapter: AdapterFile, adapter_name: str, label: str, sk
                             layer_config[f"{component}.target_modules"], layer_config[f"{component}.rank_pattern"],
                             layer_config[f"{component}.alpha_pattern"])
         tensors = {f"{key.partition('.')[2]}.{name}": value for key, layer in mine.items() for name, value in layer.tensors().items()}
-        with warnings.catch_warnings():  # "Already found a peft_config": several adapters side by side is the point
-            warnings.simplefilter("ignore", UserWarning)
-            if component == "unet":
-                module.add_adapter(config, adapter_name=adapter_name)  # diffusers' bookkeeping (set_adapters, unload, fuse)
-            else:
-                known = dict(getattr(module, "peft_config", {}))  # a fresh injection would replace the list of adapters
-                inject_adapter_in_model(config, module, adapter_name=adapter_name)
-                module.peft_config = {**known, **module.peft_config}
-                module._hf_peft_config_loaded = True
-        result = set_peft_model_state_dict(module, tensors, adapter_name=adapter_name)
+        try:
+            with warnings.catch_warnings():  # "Already found a peft_config": several adapters side by side is the point
+                warnings.simplefilter("ignore", UserWarning)
+                if component == "unet":
+                    module.add_adapter(config, adapter_name=adapter_name)  # diffusers' bookkeeping (set_adapters, unload, fuse)
+                else:
+                    known = dict(getattr(module, "peft_config", {}))  # a fresh injection would replace the list of adapters
+                    inject_adapter_in_model(config, module, adapter_name=adapter_name)
+                    module.peft_config = {**known, **module.peft_config}
+                    module._hf_peft_config_loaded = True
+            result = set_peft_model_state_dict(module, tensors, adapter_name=adapter_name)
+        except (ValueError, RuntimeError) as error:  # PEFT: a target module missing, a shape that does not fit
+            if adapter_name in getattr(module, "peft_config", {}):
+                pipe.delete_adapters(adapter_name)
+            raise UserError(f"Adapter {label!r}: its {component} layers do not fit this base model "
+                            f"({' '.join(str(error).split())[:200]}).") from None
         placed = sum(1 for m in module.modules() if isinstance(m, BaseTunerLayer)
                      and any(adapter_name in getattr(m, attr, {}) for attr in m.adapter_layer_names))
         unexpected = list(getattr(result, "unexpected_keys", None) or [])
