@@ -280,3 +280,11 @@ def test_kohya_imports_are_checked_key_by_key(trained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (label, err)
     assert not Library(trained).name_taken("never")
+
+
+def test_linear_mix_of_other_types_keeps_their_rank_and_says_it_is_approximate(trained, capsys):
+    assert main(["mix", "--data-root", str(trained), "--adapter", "loha=0.5", "--adapter", "lokr=0.5",
+                 "--name", "linear-loha-lokr", "--method", "linear"]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert not report["exact"] and report["rank"] == 4 and report["types"] == ["loha", "lokr"]
+    assert Library(trained).get("linear-loha-lokr").adapter_type == "lora"
