@@ -17,9 +17,9 @@ from PIL import Image
 
 from app import views
 from app.views import PRESETS
-from dreambooth_lora.config import TEXT_ENCODER_MODES
+from dreambooth_lora.config import ADAPTER_TYPES, TEXT_ENCODER_MODES
 from dreambooth_lora.errors import UserError
-from dreambooth_lora.generate import AdapterSession, GenerateSettings, base_model_for, resolve_adapters
+from dreambooth_lora.generate import AdapterSession, GenerateSettings, base_model_for, format_weight, resolve_adapters
 from dreambooth_lora.images import photo_problem
 from dreambooth_lora.sweep import DEFAULT_WEIGHTS, run_sweep
 from dreambooth_lora.library import Library
@@ -127,6 +127,9 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
                                                info="auto: on for built-in models")
                     checkpoint_every = gr.Number(label="Checkpoint every (steps)", value=100, precision=0,
                                                  info="and every 2 minutes; 0: by time only")
+                with gr.Row():
+                    adapter_type = gr.Radio(list(ADAPTER_TYPES), value="lora", label="Adapter type", elem_id="adv-adapter-type",
+                                            info=views.ADAPTER_TYPE_INFO)
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="start-training")
             start_message = gr.Markdown(elem_id="start-message")
@@ -160,7 +163,7 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
     examples.select(example_picked, None, {uploads, token, class_noun, name})
 
     form = [token, class_noun, name, base_model, preset, steps, rank, alpha, prior_weight, num_class_images, lr,
-            resolution, text_encoder, loraplus, seed, token_embedding, checkpoint_every]
+            resolution, text_encoder, loraplus, seed, token_embedding, checkpoint_every, adapter_type]
 
     @shows_errors(start_message)
     def start_clicked(files, *form_values):
@@ -413,6 +416,11 @@ def generate_tab(library: Library, cache: ModelCache, timer: gr.Timer, library_s
                                  allow_custom_value=True, elem_id="gen-adapters")
             sliders = [gr.Slider(-1, 2, value=1.0, step=0.05, label=f"weight {i + 1}", visible=False,
                                  elem_id=f"gen-weight-{i}") for i in range(MAX_MIX)]
+            with gr.Accordion("Text-encoder strengths", open=False, elem_id="gen-text-box"):
+                text_apart = gr.Checkbox(False, label="Set them apart (off: each equals the adapter's weight)",
+                                         elem_id="gen-text-apart")
+                text_sliders = [gr.Slider(-1, 2, value=1.0, step=0.05, label=f"text strength {i + 1}", visible=False,
+                                          elem_id=f"gen-text-weight-{i}") for i in range(MAX_MIX)]
             base_model = gr.Dropdown(builtin_names(), value=default_base_model(), allow_custom_value=True,
                                      label="Base model (used when no adapter is chosen)")
             with gr.Row():
@@ -450,13 +458,16 @@ def generate_tab(library: Library, cache: ModelCache, timer: gr.Timer, library_s
         chosen = chosen or []
         updates = [gr.update(visible=i < len(chosen), label=f"{chosen[i]} weight" if i < len(chosen) else f"weight {i + 1}")
                    for i in range(MAX_MIX)]
+        text_updates = [gr.update(visible=i < len(chosen), label=f"{chosen[i]} text strength" if i < len(chosen)
+                                  else f"text strength {i + 1}") for i in range(MAX_MIX)]
         hint = views.prompt_hints([library.get(n) for n in chosen if library.name_taken(n)])
-        return ["\n\n".join(line for line in (hint, views.mix_note(chosen, MAX_MIX)) if line), *updates]
+        return ["\n\n".join(line for line in (hint, views.mix_note(chosen, MAX_MIX)) if line), *updates, *text_updates]
 
-    picker.change(chosen_changed, picker, [hints, *sliders])
+    picker.change(chosen_changed, picker, [hints, *sliders, *text_sliders])
+    strengths = [text_apart, *sliders, *text_sliders]  # the handlers' trailing inputs: views.adapter_specs reads them
 
     def specs(chosen, weights):
-        return [(name, float(weight)) for name, weight in zip(chosen or [], weights)]
+        return views.adapter_specs(chosen, weights[0], weights[1 : 1 + MAX_MIX], weights[1 + MAX_MIX :])
 
     @shows_errors(gen_message)
     def generate(prompt_text, negative_text, base, chosen, seed_value, steps_value, guidance_value, size_value,
@@ -474,12 +485,12 @@ def generate_tab(library: Library, cache: ModelCache, timer: gr.Timer, library_s
             session = cache.session(model_name)
             session.apply(adapters)
             images = session.generate(settings)
-        mix = ", ".join(f"{n} × {w:g}" for n, w in settings.adapters) or "no adapters"
+        mix = ", ".join(f"{n} × {format_weight(w)}" for n, w in settings.adapters) or "no adapters"
         captioned = [(image, f"seed {settings.seed + i}") for i, image in enumerate(images)]  # to repeat one image
         return {gallery: captioned,
                 gen_message: f"{len(images)} images from {model_name} with {mix} in {time.time() - started:.1f} s."}
 
-    run.click(generate, [prompt, negative, base_model, picker, seed, steps, guidance, size, count, *sliders],
+    run.click(generate, [prompt, negative, base_model, picker, seed, steps, guidance, size, count, *strengths],
               {gallery, gen_message})
 
     @shows_errors(gen_message)
@@ -501,7 +512,7 @@ def generate_tab(library: Library, cache: ModelCache, timer: gr.Timer, library_s
                 gen_message: f"Weight sweep of {', '.join(n for n, _ in mix)} at seed {settings.seed} "
                              f"in {time.time() - started:.1f} s."}
 
-    sweep.click(sweep_clicked, [prompt, negative, picker, seed, steps, guidance, size, *sliders],
+    sweep.click(sweep_clicked, [prompt, negative, picker, seed, steps, guidance, size, *strengths],
                 {sweep_image, sweep_file, sweep_box, gen_message})
 
     @shows_errors(gen_message)
@@ -525,4 +536,4 @@ def generate_tab(library: Library, cache: ModelCache, timer: gr.Timer, library_s
         return {gen_message: f"Saved the mix as **{entry.name}** (exact concatenation, rank {entry.rank}) with "
                              f"samples of *{settings.prompt}*.", library_seen: None}
 
-    save_mix.click(save, [picker, mix_name, prompt, seed, steps, guidance, *sliders], {gen_message, library_seen})
+    save_mix.click(save, [picker, mix_name, prompt, seed, steps, guidance, *strengths], {gen_message, library_seen})

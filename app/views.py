@@ -58,9 +58,14 @@ def _int(value):
     return None if value is None else int(value)
 
 
+ADAPTER_TYPE_INFO = ("the UNet's adapter; rank and alpha scale it as alpha/rank. lora: B A of rank r. dora: LoRA plus a "
+                     "magnitude per output row. loha: two rank-r products multiplied elementwise. lokr: a Kronecker "
+                     "product, its second factor of rank r when r is below half its size")
+
+
 def train_config(num_images, token, class_noun, name, base_model, preset, steps, rank, alpha, prior_weight,
                  num_class_images, lr, resolution, text_encoder, loraplus, seed, token_embedding,
-                 checkpoint_every) -> TrainConfig:
+                 checkpoint_every, adapter_type="lora") -> TrainConfig:
     """The Train form's values as a TrainConfig (validated there); 0 in an optional number means its default."""
     base_model = (base_model or "").strip() or default_base_model()
     steps = _blank(steps)
@@ -75,7 +80,7 @@ def train_config(num_images, token, class_noun, name, base_model, preset, steps,
         lr=_blank(lr), resolution=_int(_blank(resolution)), text_encoder=text_encoder,
         loraplus_ratio=_blank(loraplus), seed=_int(_blank(seed)) or 0,
         train_token_embedding={"auto": None, "on": True, "off": False}[token_embedding],
-        checkpoint_every=_int(_blank(checkpoint_every)) or 0,
+        checkpoint_every=_int(_blank(checkpoint_every)) or 0, adapter_type=adapter_type or "lora",
     )
 
 
@@ -196,6 +201,7 @@ def adapter_details(entry: AdapterEntry | None) -> str:
     rows = [("token", entry.token), ("class", entry.class_noun), ("base model", entry.base_model),
             ("rank / alpha", f"{entry.rank} / {entry.alpha:g}"), ("steps", entry.steps),
             ("prior weight λ", meta.get("prior_weight")), ("class images", meta.get("num_class_images")),
+            ("adapter type", entry.adapter_type), ("trainable parameters", entry.trainable_params),
             ("text encoder", meta.get("text_encoder")), ("token embedding", meta.get("train_token_embedding")),
             ("final loss", meta.get("final_loss")),
             ("created", time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.created))),
@@ -208,9 +214,18 @@ def adapter_details(entry: AdapterEntry | None) -> str:
 
 
 # ----------------------------------------------------------------------------- Generate
+def adapter_specs(chosen, text_apart, weights, text_weights) -> list[tuple[str, object]]:
+    """The Generate tab's adapters as (name, weight) or, with text strengths set apart, (name, (unet, text))."""
+    if not text_apart:
+        return [(name, float(weight)) for name, weight in zip(chosen or [], weights)]
+    return [(name, (float(weight), float(text))) for name, weight, text in zip(chosen or [], weights, text_weights)]
+
+
 def mix_parts(entry: AdapterEntry) -> str | None:
     mix = entry.meta.get("mix")
-    return ", ".join(f"{part['name']} × {part['weight']:g}" for part in mix["parts"]) if mix else None
+    from dreambooth_lora.generate import format_weight  # a part's weight may be a (UNet, text) pair
+
+    return ", ".join(f"{part['name']} × {format_weight(part['weight'])}" for part in mix["parts"]) if mix else None
 
 
 def prompt_hints(entries: list[AdapterEntry]) -> str:

@@ -46,8 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", dest="config_dir", default=None, metavar="DIR",
                    help="component configs (a diffusers folder) for a single-file .safetensors checkpoint")
     t.add_argument("--steps", type=int, help="training steps (default: 150 per photo for real models, 400 for built-ins)")
-    t.add_argument("--rank", type=int, default=8, help="LoRA rank r, 1-256 (default 8)")
-    t.add_argument("--alpha", type=float, help="LoRA alpha; the update is scaled by alpha/rank (default alpha = rank)")
+    t.add_argument("--adapter-type", default="lora", metavar="{lora,dora,loha,lokr}",
+                   help="the UNet's adapter (default lora; the text encoder's stays LoRA). lora: delta W = (alpha/r) B A. "
+                        "dora: LoRA for the direction plus a learned magnitude per output row. loha: (alpha/r) (W1a W1b) * "
+                        "(W2a W2b), two rank-r products multiplied elementwise (rank up to r^2). lokr: (alpha/r) kron(W1, W2), "
+                        "W2 of rank r when r is below half its size, else both factors full")
+    t.add_argument("--rank", type=int, default=8,
+                   help="rank r, 1-256 (default 8): of B A for lora/dora, of each product for loha, of the second "
+                        "Kronecker factor for lokr")
+    t.add_argument("--alpha", type=float,
+                   help="alpha; every type scales its update by alpha/rank (default alpha = rank, scale 1)")
     t.add_argument("--prior-weight", type=float, default=1.0, metavar="LAMBDA",
                    help="weight of the class-image (prior-preservation) loss; 0 turns class images off (default 1)")
     t.add_argument("--num-class-images", type=int, metavar="N",
@@ -92,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = command("generate", "Generate images, optionally with library adapters mixed by weight.")
     g.add_argument("--prompt", required=True, help="what to draw; use an adapter's token, e.g. 'a photo of sks dog'")
     g.add_argument("--negative-prompt", default="", help="what to steer away from (default none)")
-    g.add_argument("--adapter", action="append", default=[], metavar="NAME[=WEIGHT]",
-                   help="a library adapter and its weight (default 1; negative subtracts); repeat to mix")
+    g.add_argument("--adapter", action="append", default=[], metavar="NAME[=UNET[:TEXT]]",
+                   help="a library adapter and its strength (default 1; negative subtracts); UNET:TEXT sets the UNet and "
+                        "text-encoder strengths apart (the text one also scales the identifier embedding; omitted, it "
+                        "equals the UNet one); a component at 0 is not applied at all; repeat to mix")
     g.add_argument("--base-model", default=None, metavar="MODEL", help="default: the adapters' base model, else the default model")
     g.add_argument("--num-images", type=int, default=4, help="images to generate (default 4)")
     g.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
@@ -135,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     resize.add_argument("--name", dest="new_name", default=None, help="name of the copy (default <name>-r<rank> or -e<energy>)")
 
     mix = command("mix", "Save a weighted mix of library adapters as a new adapter.")
-    mix.add_argument("--adapter", action="append", required=True, metavar="NAME=WEIGHT",
-                     help="an adapter and its weight (negative subtracts); repeat for each part")
+    mix.add_argument("--adapter", action="append", required=True, metavar="NAME=UNET[:TEXT]",
+                     help="an adapter and its weight (negative subtracts), or UNet and text-encoder weights apart; "
+                          "repeat for each part")
     mix.add_argument("--name", required=True, help="library name of the mix")
     mix.add_argument("--method", default="cat", metavar="METHOD",
                      help="cat: exact (rank = sum of ranks, default); linear: same ranks, approximate; svd: re-factorised to "
@@ -220,7 +231,7 @@ def cmd_train(args) -> int:
             token=args.token, class_noun=args.class_noun, base_model=args.base_model or default_base_model(),
             name=args.name, steps=args.steps, rank=args.rank, alpha=args.alpha, prior_weight=args.prior_weight,
             num_class_images=args.num_class_images, lr=args.lr, resolution=args.resolution,
-            text_encoder=args.text_encoder, loraplus_ratio=args.loraplus_ratio, seed=args.seed,
+            text_encoder=args.text_encoder, adapter_type=args.adapter_type, loraplus_ratio=args.loraplus_ratio, seed=args.seed,
             train_token_embedding=args.train_token_embedding, batch_size=args.batch_size,
             checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds, device=args.device,
             mixed_precision=args.mixed_precision, config_dir=args.config_dir, low_memory=args.low_memory,
@@ -309,7 +320,9 @@ def cmd_library(args) -> int:
         else:
             _print_table(entries)
     elif args.action == "show":
-        print(json.dumps({**library.get(args.name).summary(), "meta": library.get(args.name).meta}, indent=1))
+        entry = library.get(args.name)
+        print(json.dumps({**entry.summary(), "adapter_type": entry.adapter_type, "trainable_params": entry.trainable_params,
+                          "meta": entry.meta}, indent=1))
     elif args.action == "rename":
         print(library.rename(args.name, args.new_name).name)
     elif args.action == "delete":

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from .errors import UserError
 
 TEXT_ENCODER_MODES = ("none", "lora", "qlora")
+ADAPTER_TYPES = ("lora", "dora", "loha", "lokr")  # adapter_types.ADAPTER_TYPES; named here to keep config import-light
+QLORA_TYPES = ("lora", "dora")  # PEFT has no 4-bit LoHa/LoKr
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 STEPS_PER_IMAGE_REAL = 150  # DreamBooth/LoRA practice: 800-1500 steps for 5 images at 512 px
@@ -38,6 +40,7 @@ class TrainConfig:
     lr: float | None = None  # default: 1e-4 for real models (diffusers DreamBooth-LoRA), 1e-3 for built-ins
     resolution: int | None = None  # default: the base model's native size
     text_encoder: str = "none"  # frozen encoder: its outputs can be cached
+    adapter_type: str = "lora"  # the UNet's adapter (adapter_types.py); the text encoder's modes stay LoRA
     loraplus_ratio: float | None = None  # LoRA+ paper suggests 16
     seed: int = 0
     train_token_embedding: bool | None = None  # pivotal tuning; default on for built-ins
@@ -86,6 +89,13 @@ class TrainConfig:
             raise UserError(f"--loraplus-ratio {self.loraplus_ratio}: must be between 1 and 1000.")
         if self.text_encoder not in TEXT_ENCODER_MODES:
             raise UserError(f"--text-encoder {self.text_encoder!r}: choose one of {', '.join(TEXT_ENCODER_MODES)}.")
+        if self.adapter_type not in ADAPTER_TYPES:
+            raise UserError(f"--adapter-type {self.adapter_type!r}: choose one of {', '.join(ADAPTER_TYPES)}.")
+        if self.text_encoder == "qlora" and self.adapter_type not in QLORA_TYPES:
+            raise UserError(f"--text-encoder qlora pairs with --adapter-type lora or dora only (PEFT has no 4-bit "
+                            f"{self.adapter_type}); use --text-encoder lora or none.")
+        if self.loraplus_ratio is not None and self.adapter_type not in ("lora", "dora"):
+            raise UserError(f"--loraplus-ratio speeds up LoRA's B matrices; --adapter-type {self.adapter_type} has none.")
         if self.mixed_precision not in MIXED_PRECISION:
             raise UserError(f"--mixed-precision {self.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}.")
         if self.device not in DEVICES:

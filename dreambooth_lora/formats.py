@@ -26,15 +26,17 @@ from .adapter_file import (
     DIFFUSERS_META_KEY,
     STUDIO_META_KEY,
     AdapterFile,
-    LayerFactors,
     alpha_from_config,
     check_new_name,
+    layers_from_tensors,
+    rank_from_config,
     pattern_value,
     read_adapter,
     read_safetensors,
     store_adapter,
     write_adapter,
 )
+from .adapter_types import KOHYA_SUFFIXES, LoKr, LoRA, ShapeError, split_peft_key, type_of_kohya_parts
 from .errors import UserError
 from .identifier import IDENTIFIER_PREFIX, LEGACY_PREFIX, TOKEN_PATTERN, convert_pieces, from_file_tensors
 from .library import AdapterEntry, Library
@@ -63,7 +65,10 @@ def export_adapter(entry: AdapterEntry, fmt: str, out: str | None) -> tuple[Path
         notes.append(f"Adapter {entry.name!r} was imported without its identifier embedding, so this export lacks it too "
                      "and will not draw the subject.")
     if fmt == "diffusers":
-        write_adapter(path, weights)  # diffusers ignores the lora_token_embedding.* rows; our import reads them
+        write_adapter(path, weights)  # diffusers ignores the lora_identifier.* rows; our import reads them
+        if weights.adapter_type in ("loha", "lokr"):
+            notes.append(f"{path.name} holds {weights.adapter_type} layers under PEFT's names (diffusers/PEFT layout): PEFT "
+                         "and `library import` load it; diffusers' load_lora_weights cannot load LoHa/LoKr (0.42).")
         return path, notes
     tensors, header = kohya_state_dict(weights)
     with atomic_path(path) as tmp:
@@ -91,25 +96,30 @@ def kohya_name(layer_key: str) -> str:
     return KOHYA_PREFIX[component] + module.replace(".", "_")
 
 
-def kohya_state_dict(weights: AdapterFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Kohya keys with one alpha for every layer; a layer whose own alpha differs has the ratio folded into up.
+NETWORK_ARGS = {"dora": {"algo": "lora", "dora_wd": "True"}, "loha": {"algo": "loha"}, "lokr": {"algo": "lokr"}}
 
-    One shared alpha keeps diffusers' kohya loader exact: with differing alphas it builds an alpha_pattern
-    whose text-encoder keys do not match transformers 5 module paths.
+
+def kohya_state_dict(weights: AdapterFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Kohya/LyCORIS keys per layer type (adapter_types.py: `lora_down/up` + `dora_scale`, `hada_*`, `lokr_*`, `alpha`).
+
+    LoRA and DoRA layers share one alpha, a layer whose own alpha differs having the ratio folded into up: one
+    shared alpha keeps diffusers' kohya loader exact (with differing alphas it builds an alpha_pattern whose
+    text-encoder keys do not match transformers 5 module paths). LoHa and LoKr keep their own (ComfyUI reads alpha per layer).
     """
-    alpha = weights.common_alpha
+    alpha = most_common_lora_alpha(weights)
     tensors = {}
     for layer_key, layer in sorted(weights.layers.items()):
         name = kohya_name(layer_key)
-        tensors[f"{name}.lora_down.weight"] = layer.down.float().contiguous()
-        tensors[f"{name}.lora_up.weight"] = (layer.up * (layer.alpha / alpha)).float().contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+        for suffix, value in layer.kohya(alpha).items():
+            tensors[f"{name}.{suffix}"] = value.float().contiguous()
     meta = weights.meta
+    kind = weights.adapter_type
     steps = str(int(meta.get("steps") or 0))
     header = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora" if kind == "lora" else "lycoris.kohya",
         "ss_network_dim": str(weights.max_rank),
-        "ss_network_alpha": f"{alpha:g}",
+        "ss_network_alpha": f"{alpha if kind in ('lora', 'dora') else weights.common_alpha:g}",
+        **({"ss_network_args": json.dumps(NETWORK_ARGS[kind])} if kind in NETWORK_ARGS else {}),
         "ss_base_model_version": "sd_v1",
         "ss_output_name": str(meta.get("name", "")),
         "ss_sd_model_name": str(meta.get("base_model", "")),  # kohya's base-model field; import reads it
@@ -120,6 +130,13 @@ def kohya_state_dict(weights: AdapterFile) -> tuple[dict[str, torch.Tensor], dic
         STUDIO_META_KEY: json.dumps(meta, sort_keys=True),
     }
     return tensors, header
+
+
+def most_common_lora_alpha(weights: AdapterFile) -> float:
+    from .adapter_file import most_common
+
+    alphas = [layer.alpha for layer in weights.layers.values() if isinstance(layer, LoRA)]
+    return most_common(alphas) if alphas else weights.common_alpha
 
 
 # ----- import -----
@@ -166,6 +183,7 @@ def import_adapter(library: Library, file: Path, name: str | None, base_model: s
         "instance_prompt": f"a photo of {token} {class_noun or ours.get('class_noun', '')}".strip() if token else "",
         "text_encoder": "lora" if any(k.startswith("text_encoder.") for k in layers) else "none",
         "train_token_embedding": bool(identifiers),
+        "adapter_type": AdapterFile(layers).adapter_type,
         "imported_from": str(file), "imported_format": fmt,
         "imported_meta": ours or {k: v for k, v in header.items() if k.startswith("ss_")},
     }
@@ -227,90 +245,107 @@ def parse_lora_file(file: Path, tensors: dict, header: dict, modules: dict[str, 
 
 
 def _parse_kohya(file, tensors, modules):
+    """Group keys by kohya layer name, each layer's type from its parts, every tensor checked against the base layer."""
     by_kohya_name = {kohya_name(key): key for key in modules}
-    layers, identifiers = {}, {}
+    grouped, identifiers = {}, {}
     for key, value in tensors.items():
         if key.startswith("bundle_emb."):  # an A1111 bundled embedding: its name is what prompts type
             identifiers[key.split(".")[1]] = value.reshape(-1, value.shape[-1]).float()
             continue
         lora_name, _, part = key.partition(".")
-        if part not in ("lora_down.weight", "lora_up.weight", "alpha"):
-            raise UserError(f"{file}: key {key!r} is not a plain LoRA weight (LoCon/LoHa/DoRA parts are not supported).")
-        layer_key = by_kohya_name.get(lora_name)
-        if layer_key is None:
+        if part not in KOHYA_SUFFIXES:
+            raise UserError(f"{file}: key {key!r} is not a LoRA, DoRA, LoHa or LoKr weight (LoCon/GLoRA/OFT parts are "
+                            "not supported).")
+        if lora_name not in by_kohya_name:
             raise UserError(f"{file}: key {key!r} names no layer of the base model's UNet or text encoder.")
-        if part != "lora_down.weight":
-            continue
-        up = tensors.get(f"{lora_name}.lora_up.weight")
-        if up is None:
-            raise UserError(f"{file}: key {key!r} has no matching lora_up.weight.")
-        down = value
-        alpha = float(tensors[f"{lora_name}.alpha"].item()) if f"{lora_name}.alpha" in tensors else float(down.shape[0])
-        layers[layer_key] = _checked(file, key, layer_key, down, up, alpha, modules)
+        grouped.setdefault(lora_name, {})[part] = value
+    layers = {}
+    for lora_name, parts in grouped.items():
+        cls = type_of_kohya_parts(parts)
+        first = f"{lora_name}.{next((k for k in (cls.kohya_keys if cls else ()) if k in parts), sorted(parts)[0])}"
+        if cls is None:
+            raise UserError(f"{file}: key {first!r} has no weights beside it (only {', '.join(sorted(parts))}).")
+        missing = [k for k in cls.kohya_keys if k not in parts and cls is not LoKr]
+        if missing:
+            raise UserError(f"{file}: key {first!r} has no matching {lora_name}.{missing[0]}.")
+        layer_key = by_kohya_name[lora_name]
+        out_features, in_features = modules[layer_key]
+        try:
+            layer = cls.from_kohya(parts, out_features, in_features)
+        except ShapeError as error:
+            raise UserError(f"{file}: key {first!r} has shapes that do not fit ({cls.name}: {error}); the base model's layer is "
+                            f"{out_features}x{in_features}: this file was made for a different model.") from None
+        if not layer.alpha > 0:
+            raise UserError(f"{file}: key {first!r} has alpha {layer.alpha}; it must be positive.")
+        layers[layer_key] = layer
     return layers, identifiers
 
 
 def _parse_peft(file, tensors, modules):
     config_file = file.parent / "adapter_config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else {}
-    layers = {}
+    renamed = {}
     for key, value in tensors.items():
-        if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
-            raise UserError(f"{file}: key {key!r} is not a PEFT LoRA weight (base_model.model.<module>.lora_A/lora_B.weight).")
-        if not key.endswith(".lora_A.weight"):
-            continue
-        module = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
+        split = split_peft_key(key.removeprefix(PEFT_PREFIX)) if key.startswith(PEFT_PREFIX) else None
+        if split is None:
+            raise UserError(f"{file}: key {key!r} is not a PEFT adapter weight (base_model.model.<module>.lora_A.weight, "
+                            ".hada_w1_a, .lokr_w1, ...).")
+        module = split[0]
         candidates = [f"unet.{module}", f"text_encoder.{module}", f"text_encoder.{module.removeprefix('text_model.')}"]
         layer_key = next((c for c in candidates if c in modules), None)
         if layer_key is None:
             raise UserError(f"{file}: key {key!r} names no layer of the base model's UNet or text encoder.")
-        up = tensors.get(key.replace(".lora_A.", ".lora_B."))
-        if up is None:
-            raise UserError(f"{file}: key {key!r} has no matching lora_B weight.")
-        rank = value.shape[0]
+        renamed[f"{layer_key}.{split[1]}"] = value
+
+    def alpha(component, module, rank):
         # No adapter_config.json: alpha = rank (scale 1), the diffusers/PEFT convention for bare state dicts.
-        alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)) if config else rank
-        layers[layer_key] = _checked(file, key, layer_key, value, up, float(alpha), modules)
-    component_of = {k.partition(".")[0] for k in layers}
-    if len(component_of) > 1:
+        if not config:
+            return float(rank)
+        default = config.get("lora_alpha", config.get("alpha", rank))  # LoHa/LoKr configs call it alpha
+        return float(pattern_value(config.get("alpha_pattern") or {}, module, default))
+
+    def rank(component, module):
+        return int(pattern_value(config.get("rank_pattern") or {}, module, config["r"])) if "r" in config else None
+
+    layers = _checked_layers(file, renamed, alpha, rank, modules)
+    if len({k.partition(".")[0] for k in layers}) > 1:
         raise UserError(f"{file}: a PEFT file adapts one model, but its keys match both the UNet and the text encoder.")
     return layers
 
 
 def _parse_diffusers(file, tensors, header, modules):
     config = json.loads(header.get(DIFFUSERS_META_KEY, "{}"))
-    layers = {}
+    renamed = {}
     for key, value in tensors.items():
         if key.startswith((IDENTIFIER_PREFIX, LEGACY_PREFIX)):
             continue
-        if not key.endswith((".lora_A.weight", ".lora_B.weight")):
-            raise UserError(f"{file}: key {key!r} is not a diffusers LoRA weight (<component>.<module>.lora_A/lora_B.weight).")
-        if not key.endswith(".lora_A.weight"):
-            continue
-        component, _, module = key.removesuffix(".lora_A.weight").partition(".")
+        split = split_peft_key(key)
+        if split is None:
+            raise UserError(f"{file}: key {key!r} is not a diffusers/PEFT adapter weight "
+                            "(<component>.<module>.lora_A.weight, .hada_w1_a, .lokr_w1, ...).")
+        component, _, module = split[0].partition(".")
         module = module.removeprefix("text_model.") if component == "text_encoder" else module
-        layer_key = f"{component}.{module}"
-        if layer_key not in modules:
+        if f"{component}.{module}" not in modules:
             raise UserError(f"{file}: key {key!r} names no layer of the base model's UNet or text encoder.")
-        up = tensors.get(key.replace(".lora_A.", ".lora_B."))
-        if up is None:
-            raise UserError(f"{file}: key {key!r} has no matching lora_B weight.")
-        alpha = alpha_from_config(config, component, module, value.shape[0])
-        layers[layer_key] = _checked(file, key, layer_key, value, up, alpha, modules)
+        renamed[f"{component}.{module}.{split[1]}"] = value
+    return _checked_layers(file, renamed, lambda c, m, r: alpha_from_config(config, c, m, r),
+                           lambda c, m: rank_from_config(config, c, m), modules)
+
+
+def _checked_layers(file, tensors, alpha_of, rank_of, modules) -> dict:
+    """Layers of any type from `<component>.<module>.<PEFT name>` tensors, each checked against the base layer."""
+    layers = layers_from_tensors(tensors, alpha_of, rank_of, file)
+    for layer_key, layer in layers.items():
+        out_features, in_features = modules[layer_key]
+        first = f"{layer_key}.{next(iter(layer.tensors()))}"
+        try:
+            layer.check(out_features, in_features)
+        except ShapeError as error:
+            raise UserError(f"{file}: key {first!r} has shapes that do not fit ({type(layer).name}: {error}); the base "
+                            f"model's layer is {out_features}x{in_features}: this LoRA was made for a different model.") from None
+        if not layer.alpha > 0:
+            raise UserError(f"{file}: key {first!r} has alpha {layer.alpha}; it must be positive.")
     return layers
-
-
-def _checked(file, key, layer_key, down, up, alpha, modules) -> LayerFactors:
-    out_features, in_features = modules[layer_key]
-    rank = down.shape[0]
-    if down.dim() != 2 or up.dim() != 2 or down.shape[1] != in_features or up.shape != (out_features, rank):
-        raise UserError(
-            f"{file}: key {key!r} has shapes down {tuple(down.shape)} / up {tuple(up.shape)}, but the base model's "
-            f"layer is {out_features}x{in_features}: this LoRA was made for a different model."
-        )
-    if not alpha > 0:
-        raise UserError(f"{file}: key {key!r} has alpha {alpha}; it must be positive.")
-    return LayerFactors(down.float(), up.float(), float(alpha))
 
 
 def _sidecar_identifiers(file: Path, sidecar: Path | None) -> dict[str, torch.Tensor]:

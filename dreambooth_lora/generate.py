@@ -1,18 +1,28 @@
-"""Generation with library adapters mixed by weight (negative weights allowed), writing PNGs with settings."""
+"""Generation with library adapters mixed by weight (negative weights allowed), writing PNGs with settings.
+
+A weight is one number (UNet and text encoder alike) or a pair (UNet, text encoder), as A1111's
+`<lora:name:unet:te>` and ComfyUI's model/clip strengths. The text strength also scales the identifier
+embedding (it changes what the prompt encodes, as the text encoder's layers do). Every adapter type is
+attached through PEFT directly (diffusers' loader cannot load LoHa/LoKr), and a component at strength 0
+is not attached at all: a DoRA layer at scale 0 is m W / ||W||, not W (docs/DESIGN.md, "Adapter types").
+"""
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from peft.tuners.lora import LoraLayer
+from peft import inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image, PngImagePlugin
 
 from .errors import UserError
 from .library import AdapterEntry, Library
-from .adapter_file import read_adapter
+from .adapter_types import DoRA
+from .adapter_file import COMPONENTS, AdapterFile, diffusers_layer_config, read_adapter
 from .identifier import IdentifierEmbedding, mix_identifiers
 from .models import BaseModel, load_base_model
 from .paths import atomic_path
@@ -27,7 +37,7 @@ class GenerateSettings:
     guidance: float = 5.0
     seed: int = 0
     size: int | None = None  # None: the base model's native size
-    adapters: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    adapters: tuple[tuple[str, "Weight"], ...] = field(default_factory=tuple)  # (name, weight or (unet, text))
 
     def __post_init__(self):
         if not self.prompt.strip():
@@ -42,16 +52,35 @@ class GenerateSettings:
             raise UserError(f"--size {self.size}: must be a multiple of 8 from 16 to 2048.")
 
 
-def parse_adapter_spec(spec: str) -> tuple[str, float]:
-    """'name=0.8' -> ('name', 0.8); a bare name means weight 1."""
+Weight = float | tuple[float, float]
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, Weight]:
+    """'name=0.8' -> ('name', 0.8); 'name=1:0.5' -> ('name', (1.0, 0.5)) as UNet and text-encoder strengths;
+    a bare name means weight 1. One number applies to both components (A1111's single-weight form)."""
     name, sep, weight = spec.rpartition("=") if "=" in spec else (spec, "", "1")
     try:
-        value = float(weight)
+        values = tuple(float(part) for part in weight.split(":"))
     except ValueError:
-        raise UserError(f"--adapter {spec!r}: the weight after '=' must be a number, e.g. {name}=0.8.") from None
-    if not -10 <= value <= 10:
+        values = ()
+    if not name or not 1 <= len(values) <= 2:
+        raise UserError(f"--adapter {spec!r}: write NAME=WEIGHT or NAME=UNET:TEXT with numbers, e.g. {name or 'a'}=0.8 "
+                        f"or {name or 'a'}=1:0.5.")
+    if not all(-10 <= value <= 10 for value in values):
         raise UserError(f"--adapter {spec!r}: weight must be between -10 and 10.")
-    return name, value
+    return name, values[0] if len(values) == 1 else values
+
+
+def split_weight(weight: Weight) -> tuple[float, float]:
+    """(UNet strength, text strength): one number is both."""
+    if isinstance(weight, (tuple, list)):
+        return float(weight[0]), float(weight[1])
+    return float(weight), float(weight)
+
+
+def format_weight(weight: Weight) -> str:
+    unet, text = split_weight(weight)
+    return f"{unet:g}" if unet == text else f"{unet:g}:{text:g}"
 
 
 def resolve_adapters(library: Library, specs: list[tuple[str, float]]) -> list[tuple[AdapterEntry, float]]:
@@ -78,18 +107,28 @@ class AdapterSession:
         self.fused = False
         self.identifier: IdentifierEmbedding | None = None
 
-    def apply(self, adapters: list[tuple[AdapterEntry, float]], fuse: bool = False) -> None:
+    def apply(self, adapters: list[tuple[AdapterEntry, Weight]], fuse: bool = False) -> None:
         for entry, _ in adapters:
             check_compatible(entry, self.model)
         self.clear()
         names, weights, identifiers = [], [], []
-        for index, (entry, weight) in enumerate(adapters):
+        files = [read_adapter(entry.file) for entry, _ in adapters]
+        # PEFT computes a DoRA layer against the output of what runs before it (an inner wrapper, an adapter active
+        # earlier): DoRA adapters are attached and activated first, so each stays relative to the base model, as
+        # mixing.py assumes (exact with one DoRA adapter in a mix).
+        order = sorted(range(len(adapters)), key=lambda i: not any(isinstance(l, DoRA) for l in files[i].layers.values()))
+        for index in order:
+            (entry, weight), adapter = adapters[index], files[index]
             adapter_name = f"adapter{index}"
-            load_counted(self.pipe, entry.file, adapter_name, entry.name)
-            names.append(adapter_name)
-            weights.append(weight)
-            self.loaded[entry.id] = adapter_name
-            identifiers.append((read_adapter(entry.file).identifiers, weight))
+            unet_weight, text_weight = split_weight(weight)
+            strengths = {"unet": unet_weight, "text_encoder": text_weight}
+            attached = attach_adapter(self.pipe, adapter, adapter_name, entry.name, skip={c for c, w in strengths.items() if w == 0})
+            if attached:
+                names.append(adapter_name)
+                weights.append({component: strengths[component] for component in attached})  # diffusers warns about others
+                self.loaded[entry.id] = adapter_name
+            if text_weight != 0:  # the text strength scales the identifier too: both change what the prompt encodes
+                identifiers.append((adapter.identifiers, text_weight))
         if names:
             self.pipe.set_adapters(names, weights)
             if fuse:
@@ -142,17 +181,45 @@ def check_compatible(entry: AdapterEntry, model: BaseModel) -> None:
         )
 
 
-def load_counted(pipe, file: Path, adapter_name: str, label: str) -> None:
-    """load_lora_weights, then check every LoRA module in the file was placed (diffusers only warns)."""
-    tensors = read_adapter(file).lora_only()
-    expected = {key.split(".lora_")[0] for key in tensors}
-    pipe.load_lora_weights(str(file), adapter_name=adapter_name)
-    placed = 0
-    for prefix, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
-        placed += sum(1 for m in module.modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A)
-    if placed != len(expected):
-        pipe.delete_adapters(adapter_name)
-        raise UserError(f"Adapter {label!r}: only {placed} of its {len(expected)} LoRA layers fit this base model.")
+def attach_adapter(pipe, adapter: AdapterFile, adapter_name: str, label: str, skip=frozenset()) -> list[str]:
+    """Attach each component's layers through PEFT (config from the file's ranks and alphas), then check every
+    layer in the file was placed; components in `skip` stay off. Returns the components attached."""
+    attached = []
+    for component in COMPONENTS:
+        cls = adapter.component_type(component)
+        if cls is None or component in skip:
+            continue
+        module = getattr(pipe, component)
+        mine = {key: layer for key, layer in adapter.layers.items() if key.partition(".")[0] == component}
+        layer_config = diffusers_layer_config(mine)
+        config = cls.config(layer_config[f"{component}.r"], layer_config[f"{component}.lora_alpha"],
+                            layer_config[f"{component}.target_modules"], layer_config[f"{component}.rank_pattern"],
+                            layer_config[f"{component}.alpha_pattern"])
+        tensors = {f"{key.partition('.')[2]}.{name}": value for key, layer in mine.items() for name, value in layer.tensors().items()}
+        try:
+            with warnings.catch_warnings():  # "Already found a peft_config": several adapters side by side is the point
+                warnings.simplefilter("ignore", UserWarning)
+                if component == "unet":
+                    module.add_adapter(config, adapter_name=adapter_name)  # diffusers' bookkeeping (set_adapters, unload, fuse)
+                else:
+                    known = dict(getattr(module, "peft_config", {}))  # a fresh injection would replace the list of adapters
+                    inject_adapter_in_model(config, module, adapter_name=adapter_name)
+                    module.peft_config = {**known, **module.peft_config}
+                    module._hf_peft_config_loaded = True
+            result = set_peft_model_state_dict(module, tensors, adapter_name=adapter_name)
+        except (ValueError, RuntimeError) as error:  # PEFT: a target module missing, a shape that does not fit
+            if adapter_name in getattr(module, "peft_config", {}):
+                pipe.delete_adapters(adapter_name)
+            raise UserError(f"Adapter {label!r}: its {component} layers do not fit this base model "
+                            f"({' '.join(str(error).split())[:200]}).") from None
+        placed = sum(1 for m in module.modules() if isinstance(m, BaseTunerLayer)
+                     and any(adapter_name in getattr(m, attr, {}) for attr in m.adapter_layer_names))
+        unexpected = list(getattr(result, "unexpected_keys", None) or [])
+        if placed != len(mine) or unexpected:
+            pipe.delete_adapters(adapter_name)
+            raise UserError(f"Adapter {label!r}: only {placed} of its {len(mine)} {component} layers fit this base model.")
+        attached.append(component)
+    return attached
 
 
 def save_images(images: list[Image.Image], out_dir: Path, settings: GenerateSettings, base_model: str) -> list[Path]:

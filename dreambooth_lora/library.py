@@ -41,6 +41,16 @@ class AdapterEntry:
         return self.folder / "adapter.safetensors"
 
     @property
+    def adapter_type(self) -> str:
+        """lora, dora, loha or lokr (adapters from before adapter types are lora)."""
+        return self.meta.get("adapter_type", "lora")
+
+    @property
+    def trainable_params(self) -> int | None:
+        """Learned values in the file (None for adapters stored before it was recorded)."""
+        return self.meta.get("trainable_params")
+
+    @property
     def samples(self) -> list[Path]:
         return sorted((self.folder / "samples").glob("*.png"))
 

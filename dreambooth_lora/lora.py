@@ -1,10 +1,14 @@
-"""LoRA layers (PEFT) on the UNet and text encoder (the file: adapter_file.py; the identifier: identifier.py)."""
+"""Adapter layers (PEFT) on the UNet and text encoder (the file: adapter_file.py; the identifier: identifier.py).
+
+The UNet takes any adapter type of adapter_types.py; the text encoder's modes stay LoRA.
+"""
 
 from __future__ import annotations
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
+from .adapter_types import TRAINABLE_MARKERS, adapter_type
 from .identifier import IdentifierEmbedding
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections (DreamBooth-LoRA)
@@ -17,8 +21,9 @@ def lora_config(rank: int, alpha: float, targets: list[str]) -> LoraConfig:
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
 
 
-def attach_unet_lora(unet, rank: int, alpha: float) -> LoraConfig:
-    config = lora_config(rank, alpha, UNET_TARGETS)
+def attach_unet_lora(unet, rank: int, alpha: float, kind: str = "lora"):
+    """The adapter type `kind` (lora, dora, loha, lokr) on the UNet's attention projections, equal to the base at init."""
+    config = adapter_type(kind).config(rank, alpha, UNET_TARGETS)
     unet.add_adapter(config, adapter_name=ADAPTER_NAME)
     return config
 
@@ -31,13 +36,13 @@ def attach_text_encoder_lora(text_encoder, rank: int, alpha: float) -> LoraConfi
 
 
 def lora_parameters(module) -> list[torch.nn.Parameter]:
-    return [p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad]
+    return [p for n, p in module.named_parameters() if any(m in n for m in TRAINABLE_MARKERS) and p.requires_grad]
 
 
 def collect_adapter_tensors(unet, text_encoder=None, identifier: IdentifierEmbedding | None = None) -> dict[str, torch.Tensor]:
-    """The trained LoRA weights in diffusers' layout (`unet.` / `text_encoder.` prefixes), in fp32."""
+    """The trained adapter weights in diffusers' layout (`unet.` / `text_encoder.` prefixes), in fp32."""
     tensors = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
-    if text_encoder is not None and any("lora_" in n for n, _ in text_encoder.named_parameters()):
+    if text_encoder is not None and any(any(m in n for m in TRAINABLE_MARKERS) for n, _ in text_encoder.named_parameters()):
         te_state = get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER_NAME)
         tensors.update({f"text_encoder.{k}": v for k, v in te_state.items()})
     if identifier is not None:

@@ -4,6 +4,10 @@ For a layer, delta W = (alpha / r) B A has singular values s_1 >= s_2 >= ...; ke
 best rank-k approximation (Eckart-Young) with energy E(k) = sum_{i<=k} s_i^2 / sum_i s_i^2 and relative
 Frobenius error sqrt(1 - E(k)). A resized adapter keeps per-layer ranks: diffusers builds its LoraConfig
 from the file's `lora_adapter_metadata`, whose `rank_pattern` / `alpha_pattern` express them exactly.
+
+Per adapter type (adapter_types.py), what is factorised is the type's `update()`: LoRA's (alpha/r) B A; DoRA's
+direction update (alpha/r) B A, its magnitudes kept, so the copy stays DoRA; LoHa's and LoKr's delta W, whose
+rank may exceed r (LoHa up to r^2, LoKr up to the rank of a Kronecker product), so their copies are plain LoRA.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import torch
 
 from .errors import UserError
 from .adapter_file import AdapterFile, LayerFactors, check_new_name, free_name, read_adapter, store_adapter
+from .adapter_types import DoRA, LoRA
 from .library import AdapterEntry, Library
 
 REPORT_ENERGIES = (0.9, 0.95, 0.99, 0.999)
@@ -43,9 +48,21 @@ def svd_factorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return up.float(), down.float(), error
 
 
-def layer_singular_values(layer: LayerFactors) -> torch.Tensor:
-    """Singular values of (alpha/r) B A; at most r are non-zero, so only those are kept."""
-    return torch.linalg.svdvals(layer.delta())[: layer.rank]
+def max_layer_rank(layer) -> int:
+    """The most singular values a layer's update can have: r for LoRA and DoRA, the full rank for LoHa and LoKr."""
+    return layer.rank if isinstance(layer, LoRA) else min(layer.shape)
+
+
+def layer_singular_values(layer) -> torch.Tensor:
+    """Singular values of the layer's update ((alpha/r) B A for LoRA); only the ones it can have are kept."""
+    return torch.linalg.svdvals(layer.update())[: max_layer_rank(layer)]
+
+
+def resized_layer(layer, up: torch.Tensor, down: torch.Tensor):
+    """The factors kept, scale folded in (alpha = rank); a DoRA layer keeps its magnitudes."""
+    if isinstance(layer, DoRA):
+        return DoRA(down, up, float(down.shape[0]), layer.magnitude)
+    return LayerFactors(down, up, float(down.shape[0]))
 
 
 def rank_report(entry: AdapterEntry) -> dict:
@@ -56,9 +73,9 @@ def rank_report(entry: AdapterEntry) -> dict:
     per_layer = {}
     for key, layer in sorted(weights.layers.items()):
         values = layer_singular_values(layer)
-        per_layer[key] = {"rank": layer.rank, "singular_values": [round(float(v), 6) for v in values],
+        per_layer[key] = {"rank": len(values), "singular_values": [round(float(v), 6) for v in values],
                           "energy": [round(float(e), 6) for e in energy(values)]}
-    max_rank = weights.max_rank
+    max_rank = max(layer["rank"] for layer in per_layer.values())
     table = []
     for k in range(1, max_rank + 1):
         at_k = torch.tensor([layer["energy"][min(k, layer["rank"]) - 1] for layer in per_layer.values()])
@@ -88,17 +105,18 @@ def resize_adapter(library: Library, name: str, energy: float | None, rank: int 
         raise UserError("resize needs exactly one of --energy E or --rank R.")
     if energy is not None and not 0 < energy <= 1:
         raise UserError(f"--energy {energy}: must be a fraction in (0, 1], e.g. 0.99.")
-    if rank is not None and not 1 <= rank <= entry.rank:
-        raise UserError(f"--rank {rank}: adapter {entry.name!r} has rank {entry.rank}; choose 1 to {entry.rank}.")
+    weights = read_adapter(entry.file)
+    most = max((max_layer_rank(layer) for layer in weights.layers.values()), default=entry.rank)
+    if rank is not None and not 1 <= rank <= most:
+        raise UserError(f"--rank {rank}: adapter {entry.name!r} has rank {most}; choose 1 to {most}.")
     target = f"e{energy:g}" if energy is not None else f"r{rank}"
     new_name = check_new_name(library, new_name) if new_name else free_name(library, f"{entry.name}-{target}")
-    weights = read_adapter(entry.file)
     layers, per_layer = {}, {}
     for key, layer in sorted(weights.layers.items()):
         values = layer_singular_values(layer)
-        keep = min_rank_for_energy(values, energy) if energy is not None else min(rank, layer.rank)
-        up, down, error = svd_factorize(layer.delta(), keep)
-        layers[key] = LayerFactors(down, up, float(down.shape[0]))
+        keep = min_rank_for_energy(values, energy) if energy is not None else min(rank, max_layer_rank(layer))
+        up, down, error = svd_factorize(layer.update(), keep)
+        layers[key] = resized_layer(layer, up, down)
         per_layer[key] = {"rank": down.shape[0], "relative_error": round(error, 6)}
     meta = {**entry.meta, "name": new_name,
             "resized_from": {"name": entry.name, "id": entry.id, "energy": energy, "rank": rank}}
@@ -106,7 +124,7 @@ def resize_adapter(library: Library, name: str, energy: float | None, rank: int 
     ranks = [layer["rank"] for layer in per_layer.values()]
     return new_entry, {
         "size_bytes_before": entry.file.stat().st_size, "size_bytes_after": new_entry.file.stat().st_size,
-        "rank_before": entry.rank, "rank_after": max(ranks), "min_layer_rank": min(ranks),
+        "adapter_type": new_entry.meta.get("adapter_type"), "rank_before": entry.rank, "rank_after": max(ranks), "min_layer_rank": min(ranks),
         "max_relative_error": max(layer["relative_error"] for layer in per_layer.values()),
         "per_layer": per_layer,
     }

@@ -12,6 +12,7 @@ import torch
 
 from . import __version__
 from .adapter_file import AdapterFile, store_adapter
+from .adapter_types import TRAINABLE_MARKERS
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, uses_tiny_defaults
 from .errors import UserError
@@ -419,7 +420,7 @@ def attach_trainables(model: BaseModel, config: TrainConfig, device, weight_dtyp
     with torch.no_grad():
         states = trainables.encode()
         trainables.separation = torch.nn.functional.cosine_similarity(states[0].flatten(), states[1].flatten(), dim=0).item()
-    attach_unet_lora(model.unet, config.rank, config.lora_alpha)
+    attach_unet_lora(model.unet, config.rank, config.lora_alpha, config.adapter_type)
     if config.text_encoder in ("lora", "qlora"):
         attach_text_encoder_lora(model.text_encoder, config.rank, config.lora_alpha)
     if identifier is not None:
@@ -458,8 +459,9 @@ def make_optimizer(trainables: Trainables, config: TrainConfig, device=torch.dev
                    on_progress: Callable[[Progress], None] = lambda progress: None) -> torch.optim.Optimizer:
     """AdamW (8-bit with --low-memory on CUDA, fused on CUDA); with LoRA+ the B matrices get `ratio` times the A
     learning rate (Hayou et al. 2024)."""
-    named = [(n, p) for n, p in trainables.model.unet.named_parameters() if "lora_" in n and p.requires_grad]
-    named += [(n, p) for n, p in trainables.model.text_encoder.named_parameters() if "lora_" in n and p.requires_grad]
+    trained = lambda n, p: any(m in n for m in TRAINABLE_MARKERS) and p.requires_grad
+    named = [(n, p) for n, p in trainables.model.unet.named_parameters() if trained(n, p)]
+    named += [(n, p) for n, p in trainables.model.text_encoder.named_parameters() if trained(n, p)]
     ratio = config.loraplus_ratio or 1.0
     groups = [
         {"params": [p for n, p in named if "lora_B" not in n], "lr": config.lr},
@@ -511,9 +513,10 @@ def save_adapter(library: Library, model: BaseModel, trainables: Trainables, con
         "base_model": model.name, "fingerprint": model.fingerprint,
         "steps": config.steps, "prior_weight": config.prior_weight, "num_class_images": config.num_class_images,
         "text_encoder": config.text_encoder, "train_token_embedding": bool(config.train_token_embedding),
+        "adapter_type": config.adapter_type,
         "resolution": config.resolution, "lr": config.lr, "loraplus_ratio": config.loraplus_ratio,
         "seed": config.seed, "job": job_id, "final_loss": losses[-1] if losses else None,
         "prompt_similarity": round(trainables.separation, 4), "studio_version": __version__,
     }
-    return store_adapter(library, AdapterFile.from_tensors(trainables.tensors(), meta, config.lora_alpha))
+    return store_adapter(library, AdapterFile.from_tensors(trainables.tensors(), meta, config.lora_alpha, config.rank))
 

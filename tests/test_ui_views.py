@@ -114,3 +114,8 @@ def test_smoothed_loss_by_hand():
     frame = views.loss_frame([2.0, 4.0])
     assert list(frame["series"]) == ["raw", "raw", "smoothed", "smoothed"] and list(frame["step"]) == [1, 2, 1, 2]
     assert views.loss_frame([]) is None
+
+
+def test_adapter_specs_pair_the_text_strengths_only_when_set_apart():
+    assert views.adapter_specs(["a", "b"], False, [0.5, 1.0, 1.0], [0.0, 0.0, 1.0]) == [("a", 0.5), ("b", 1.0)]
+    assert views.adapter_specs(["a"], True, [0.5, 1.0], [0.0, 1.0]) == [("a", (0.5, 0.0))]

@@ -50,6 +50,7 @@ class Settings:
     token_lr: float | None = None
     batch_size: int | None = None
     text_encoder: str = "none"
+    adapter_type: str = "lora"  # the UNet's adapter type (bench/methods.py compares them)
 
 
 def prompts(cls: str) -> dict[str, str]:
@@ -184,7 +185,8 @@ def train_and_evaluate(run: Run, settings: Settings, work: Path) -> dict:
     overrides = {k: v for k, v in dict(steps=settings.steps, lr=settings.lr, token_lr=settings.token_lr,
                                         batch_size=settings.batch_size).items() if v is not None}
     config = TrainConfig(token=TOKEN, class_noun=subject.cls, base_model=MODEL, name=run.name,
-                         prior_weight=run.prior_weight, seed=run.seed, text_encoder=run.text_encoder, **overrides)
+                         prior_weight=run.prior_weight, seed=run.seed, text_encoder=run.text_encoder,
+                         adapter_type=settings.adapter_type, **overrides)
     library = Library(work / f"data-{run.name}")  # one library per run: workers never share a database
     job = create_job(library, config, world.subject_image_paths(run.subject))
     started = time.time()
@@ -195,6 +197,8 @@ def train_and_evaluate(run: Run, settings: Settings, work: Path) -> dict:
     scores = evaluate(session, run.subject, subject.cls, settings.samples)
     return {
         **asdict(run), "steps": result.adapter.steps, "train_seconds": round(seconds, 1),
+        "adapter_type": result.adapter.adapter_type, "trainable_params": result.adapter.trainable_params,
+        "file_bytes": result.adapter.size_bytes,
         "subject_fidelity": scores["instance"]["subject"],
         "prior_leak": scores["class"]["subject"],
         "recontext": scores["recontext"]["background"],
