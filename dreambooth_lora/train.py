@@ -326,14 +326,14 @@ def encode_images(model: BaseModel, images: list) -> tuple[torch.Tensor, torch.T
     """VAE latent mean and std of every image, computed once (sampled afresh each step)."""
     means, stds = [], []
     for start in range(0, len(images), 16):
-        pixels = torch.stack([_to_tensor(image) for image in images[start : start + 16]]).to(model.vae.device)
+        pixels = torch.stack([image_to_tensor(image) for image in images[start : start + 16]]).to(model.vae.device)
         dist = model.vae.encode(pixels).latent_dist
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
 
 
-def _to_tensor(image) -> torch.Tensor:
+def image_to_tensor(image) -> torch.Tensor:
     array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(image.height, image.width, 3)
     return array.permute(2, 0, 1).float() / 127.5 - 1.0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dreambooth_lora.tinyworld import quality
+from dreambooth_lora.bench import quality
 
 
 def test_diversity_distance_is_zero_for_equal_and_one_for_disjoint_attributes():
@@ -50,11 +50,39 @@ def test_a_failed_run_is_reported_in_its_row_and_left_out_of_the_means():
     summary = quality.summarise([ok, failed])
     assert summary["lambda=1"]["subject_fidelity"] == 0.5 and summary["lambda=0"]["subject_fidelity"] is None
 
+    bench = load_script("quality")
+    table = bench.markdown({"runs": [ok, failed], "summary": summary})
+    assert "| redyellow-ball | 1 | 1 | none | failed: RuntimeError: boom |" in table
+
+
+def load_script(name: str):
+    """One of the bench/ scripts as a module (they are scripts, not a package)."""
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bench_quality", Path(__file__).parents[1] / "bench" / "quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    table = bench.markdown({"runs": [ok, failed], "summary": summary})
-    assert "| redyellow-ball | 1 | 1 | none | failed: RuntimeError: boom |" in table
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_with_json_stdout_is_the_json_report_alone_and_the_tables_go_to_stderr(monkeypatch, capsys):
+    import json
+    import sys
+
+    bench = load_script("quality")
+    row = dict(subject="redyellow-ball", prior_weight=1.0, seed=0, text_encoder="none", subject_fidelity=0.5,
+               prior_leak=0.0, class_diversity_tv=0.1, recontext=1.0, recontext_subject=0.5, train_seconds=10.0)
+    report = {"runs": [row], "summary": quality.summarise([row]), "vae_ceiling": {}, "workers": 2, "seconds": 1.0,
+              "machine": "test"}
+
+    def fake_bench(quick, settings, workers, machine, on_row):
+        on_row(row)
+        return report
+
+    monkeypatch.setattr(bench, "run_bench", fake_bench)
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--quick", "--json", "--markdown"])
+    assert bench.main() == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == report
+    assert "subject_fidelity" in err and "| setting |" in err

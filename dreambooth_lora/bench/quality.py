@@ -62,7 +62,7 @@ def prompts(cls: str) -> dict[str, str]:
 
 def plan(quick: bool, text_encoder: str = "none") -> list[Run]:
     """Quick: one subject, one seed, lambda {1, 0}. Full: every subject x lambda x 2 seeds + the other TE modes."""
-    from . import world
+    from ..tinyworld import world
 
     subjects = list(world.SUBJECTS)[: 1 if quick else None]
     seeds = [0] if quick else [0, 1]
@@ -115,7 +115,7 @@ def summarise(results: list[dict]) -> dict:
 def evaluate(session, subject: str, cls: str, samples: int) -> dict:
     """Generate each prompt `samples` times with fixed seeds and read the images back."""
     from ..generate import GenerateSettings
-    from . import analyser
+    from ..tinyworld import analyser
 
     out = {}
     for role, prompt in prompts(cls).items():
@@ -134,11 +134,11 @@ def vae_ceiling(model, subject: str) -> float:
     import torch
     from PIL import Image
 
-    from ..train import _to_tensor
-    from . import analyser, world
+    from ..train import image_to_tensor
+    from ..tinyworld import analyser, world
 
     paths = world.subject_image_paths(subject)
-    pixels = torch.stack([_to_tensor(Image.open(p).convert("RGB")) for p in paths])
+    pixels = torch.stack([image_to_tensor(Image.open(p).convert("RGB")) for p in paths])
     with torch.no_grad():
         recon = model.vae.decode(model.vae.encode(pixels).latent_dist.mean).sample
     arrays = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
@@ -149,7 +149,7 @@ def baseline_task(subject: str, samples: int) -> tuple[str, dict, float]:
     """The base model on the subject's prompts, and the VAE ceiling for the subject."""
     from ..generate import AdapterSession
     from ..models import load_base_model
-    from . import world
+    from ..tinyworld import world
 
     base = load_base_model(MODEL)
     scores = evaluate(AdapterSession(base), subject, world.SUBJECTS[subject].cls, samples)
@@ -178,7 +178,7 @@ def train_and_evaluate(run: Run, settings: Settings, work: Path) -> dict:
     from ..library import Library
     from ..models import load_base_model
     from ..train import run_training
-    from . import world
+    from ..tinyworld import world
 
     subject = world.SUBJECTS[run.subject]
     overrides = {k: v for k, v in dict(steps=settings.steps, lr=settings.lr, token_lr=settings.token_lr,
@@ -217,7 +217,7 @@ def _start_worker() -> None:
 
 
 def _run_tasks(pool, runs: list[Run], settings: Settings, work: Path, on_row) -> tuple[dict, list[dict]]:
-    from . import world
+    from ..tinyworld import world
 
     subjects = list(dict.fromkeys(r.subject for r in runs))
     classes = sorted({world.SUBJECTS[r.subject].cls for r in runs if r.prior_weight > 0})
