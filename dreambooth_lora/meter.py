@@ -1,10 +1,11 @@
 """The training meter: at fixed points of a run, (a) the instance photos' denoising loss on fixed probes and
 (b) the prior drift, how far the adapted UNet's class-prompt predictions have moved from the frozen model's;
-an adapter checkpoint at each point, and the rule that picks the best one (docs/DESIGN.md, "The meter").
+an adapter checkpoint at each point, and the rule that picks the best one (docs/DESIGN.md, "The meter and the
+objective options").
 
 No photo is withheld (there are only 3-5), so (a) is a training-set loss measured the same way at every point:
-each photo at METER_TIMESTEPS fixed timesteps with noise seeded per photo. The maths here is pure; train.py
-runs the UNet on the probes.
+each photo at METER_TIMESTEPS fixed timesteps with noise seeded per photo. The maths is in pure functions;
+`Meter.measure` runs the UNet it is given on the probes, and train.py calls it every K steps.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .lora import adapters_disabled
 from .paths import atomic_path
 
 METER_TIMESTEPS = 8  # per instance photo
@@ -77,6 +79,19 @@ def class_probe(latents: torch.Tensor, scheduler) -> Probe:
     return _probe(rows, timesteps, [PROBE_SEED + CLASS_SEED_OFFSET + j for j in range(rows.shape[0])], scheduler)
 
 
+def probe_predictions(unet, probe: Probe, states: torch.Tensor, device, weight_dtype, autocast_dtype,
+                      chunk: int = 16) -> torch.Tensor:
+    """The UNet's predictions for a probe's rows under one prompt's encoder states, in chunks, returned on the CPU."""
+    outputs = []
+    for start in range(0, probe.noisy.shape[0], chunk):
+        noisy = probe.noisy[start : start + chunk].to(device, weight_dtype)
+        hidden = states.expand(noisy.shape[0], -1, -1).to(device, weight_dtype)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            prediction = unet(noisy, probe.timesteps[start : start + chunk].to(device), hidden).sample
+        outputs.append(prediction.float().cpu())
+    return torch.cat(outputs)
+
+
 def instance_loss(prediction: torch.Tensor, target: torch.Tensor) -> float:
     return F.mse_loss(prediction.float(), target.float()).item()
 
@@ -114,6 +129,27 @@ class Meter:
     tensor_dir: Path
     points: list[MeterPoint] = field(default_factory=list)
     frozen_class: torch.Tensor | None = None  # the frozen model's class predictions, measured once
+
+    @classmethod
+    def with_probes(cls, every: int, prior_weight: float, instance_latents: torch.Tensor, class_latents: torch.Tensor,
+                    scheduler, record_path: Path, tensor_dir: Path) -> "Meter":
+        """A meter whose probes are built from these (scaled) latents; the class ones may be the photos'."""
+        return cls(every, prior_weight, instance_probe(instance_latents, scheduler), class_probe(class_latents, scheduler),
+                   record_path, tensor_dir)
+
+    @torch.no_grad()
+    def measure(self, step: int, unet, text_encoder, trainables, device, weight_dtype, autocast_dtype) -> MeterPoint:
+        """One point: the instance probe under the instance prompt, the class probe under the class prompt, adapted
+        and (once) frozen. `trainables.prompt_embeddings(n_instance, n_class)` gives the encoder states."""
+        predict = lambda probe, states: probe_predictions(unet, probe, states, device, weight_dtype, autocast_dtype)
+        if self.frozen_class is None:
+            with adapters_disabled(unet, text_encoder, trainables.token_embedding):
+                self.frozen_class = predict(self.klass, trainables.prompt_embeddings(0, 1))
+        states = trainables.prompt_embeddings(1, 1)
+        instance = predict(self.instance, states[0:1])
+        adapted_class = predict(self.klass, states[1:2])
+        return MeterPoint(step, float(f"{instance_loss(instance, self.instance.target):.6g}"),
+                          float(f"{prior_drift(adapted_class, self.frozen_class):.6g}"))
 
     def resume(self, step: int) -> None:
         """Keep the recorded points up to `step` (the checkpoint's) whose tensors exist; later ones are measured again."""

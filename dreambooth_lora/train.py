@@ -22,14 +22,13 @@ from .library import AdapterEntry, Library
 from .lora import (
     EMBEDDING_PREFIX,
     TokenEmbedding,
-    adapters_disabled,
     attach_text_encoder_lora,
     attach_unet_lora,
     collect_adapter_tensors,
     lora_parameters,
 )
 from .losses import min_snr_weights, offset_noise, prior_preservation_loss
-from .meter import Meter, MeterPoint, class_probe, instance_loss, instance_probe, meter_due, prior_drift
+from .meter import Meter, meter_due
 from .models import BaseModel, load_base_model
 from .paths import atomic_path, prior_root
 from .prior import PriorSettings, ensure_prior_images, load_prior_images
@@ -159,8 +158,11 @@ def prepare_run(config: TrainConfig, job_dir: Path, prior_dir: Path | None, on_p
               torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16),
               instance_latents, class_latents, device, weight_dtype, autocast_dtype, job_dir / CHECKPOINT_FILE,
               timings=timings)
-    if config.meter_every:
-        run.meter = make_meter(run, job_dir)
+    if config.meter_every:  # its probes: the photos' latent means, and the first class images' (else the photos')
+        scale = model.vae.config.scaling_factor
+        run.meter = Meter.with_probes(config.meter_every, config.prior_weight, instance_latents[0].cpu() * scale,
+                                      (class_latents or instance_latents)[0].cpu() * scale, scheduler,
+                                      job_dir / METER_FILE, job_dir / METER_CHECKPOINTS)
     if run.checkpoint_path.exists():
         weights, run.step, run.losses = load_checkpoint(run.checkpoint_path, optimizer, generator)
         trainables.load_tensors(weights)
@@ -169,43 +171,6 @@ def prepare_run(config: TrainConfig, job_dir: Path, prior_dir: Path | None, on_p
     if run.meter is not None:
         run.meter.resume(run.step)
     return run
-
-
-def make_meter(run: Run, job_dir: Path) -> Meter:
-    """The meter's fixed probes: the photos' latent means and the first class latents (the photos when the run
-    has no class images), scaled as the UNet sees them."""
-    scale = run.model.vae.config.scaling_factor
-    class_means = (run.class_latents or run.instance_latents)[0]
-    return Meter(run.config.meter_every, run.config.prior_weight,
-                 instance_probe(run.instance_latents[0].cpu() * scale, run.scheduler),
-                 class_probe(class_means.cpu() * scale, run.scheduler), job_dir / METER_FILE, job_dir / METER_CHECKPOINTS)
-
-
-@torch.no_grad()
-def measure(run: Run) -> MeterPoint:
-    """One meter point: the instance probe under the instance prompt, the class probe under the class prompt
-    (adapted, and once frozen: every adapter off)."""
-    meter, trainables = run.meter, run.trainables
-    if meter.frozen_class is None:
-        with adapters_disabled(run.model.unet, run.model.text_encoder, trainables.token_embedding):
-            meter.frozen_class = probe_predictions(run, meter.klass, trainables.prompt_embeddings(0, 1))
-    states = trainables.prompt_embeddings(1, 1)
-    instance = probe_predictions(run, meter.instance, states[0:1])
-    adapted_class = probe_predictions(run, meter.klass, states[1:2])
-    return MeterPoint(run.step, float(f"{instance_loss(instance, meter.instance.target):.6g}"),
-                      float(f"{prior_drift(adapted_class, meter.frozen_class):.6g}"))
-
-
-def probe_predictions(run: Run, probe, states: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-    """The UNet's predictions for a probe's rows under one prompt's encoder states, in chunks (on the CPU)."""
-    outputs = []
-    for start in range(0, probe.noisy.shape[0], chunk):
-        noisy = probe.noisy[start : start + chunk].to(run.device, run.weight_dtype)
-        hidden = states.expand(noisy.shape[0], -1, -1).to(run.device, run.weight_dtype)
-        with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
-            prediction = run.model.unet(noisy, probe.timesteps[start : start + chunk].to(run.device), hidden).sample
-        outputs.append(prediction.float().cpu())
-    return torch.cat(outputs)
 
 
 def apply_speed_levers(model: BaseModel, trainables: "Trainables", config: TrainConfig, device, on_progress) -> None:
@@ -313,7 +278,8 @@ def train_steps(run: Run, job_dir: Path, on_progress, should_stop, sample_every:
 
 
 def record_meter_point(run: Run, on_progress) -> None:
-    point = measure(run)
+    point = run.meter.measure(run.step, run.model.unet, run.model.text_encoder, run.trainables, run.device,
+                              run.weight_dtype, run.autocast_dtype)
     run.meter.add(point, run.trainables.tensors())
     on_progress(Progress("training", run.step, run.config.steps, run.losses[-1] if run.losses else None,
                          f"meter at step {point.step}: instance loss {point.instance_loss:.4f}, "
