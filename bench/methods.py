@@ -23,7 +23,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from dreambooth_lora.tinyworld.quality import (
+from dreambooth_lora.bench.quality import (
     Run, Settings, _start_worker, baseline_task, class_images_task, train_and_evaluate,
 )
 

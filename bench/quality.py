@@ -3,7 +3,7 @@
 
 For each shipped subject: train with the product's defaults at lambda = 1 and lambda = 0 and report
 subject_fidelity, prior_leak, class_diversity_tv, recontext and recontext_subject (see
-dreambooth_lora/tinyworld/quality.py), plus text encoder none/lora/qlora for one subject.
+dreambooth_lora/bench/quality.py), plus text encoder none/lora/qlora for one subject.
 Fails only on errors; goals are read off the table.
 
     python bench/quality.py --json          # full grid (3 subjects x lambda {0,1} x 2 seeds + TE modes)
@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from dreambooth_lora.tinyworld.quality import Settings, run_bench
+from dreambooth_lora.bench.quality import Settings, run_bench
 
 COLUMNS = ("subject_fidelity", "prior_leak", "class_diversity_tv", "recontext", "recontext_subject", "train_seconds")
 

@@ -96,6 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--loss-every", type=int, help="read the loss every K steps (default 10 on CUDA, 1 on CPU)")
     speed.add_argument("--class-batch-size", type=int, help="class images per pipeline call (default 8 CPU, 32 CUDA)")
     t.add_argument("--timings", action="store_true", help="add per-phase timings to the JSON result (bench/speed.py)")
+    quality = t.add_argument_group("objective and meter (README \"Quality\")")
+    quality.add_argument("--snr-gamma", type=float, default=0.0, metavar="GAMMA",
+                         help="min-SNR-γ loss weighting, weight min(SNR, γ)/SNR (Hang et al. 2023; 5 is usual; default 0: off)")
+    quality.add_argument("--noise-offset", type=float, default=0.0, metavar="X",
+                         help="add X·N(0,1) per image and channel to the noise (0.05-0.1 usual; default 0: off)")
+    quality.add_argument("--meter-every", type=int, default=0, metavar="K",
+                         help="every K steps (and at the last) measure the photos' denoising loss and the prior drift on "
+                              "fixed probes, keeping the adapter at each point (default 0: off)")
+    quality.add_argument("--keep", default="final", metavar="{final,best,both}",
+                         help="what goes to the library: the final weights (default), the meter's chosen point, or both "
+                              "(the chosen one as <name>-step<N>); best and both need --meter-every")
 
     g = command("generate", "Generate images, optionally with library adapters mixed by weight.")
     g.add_argument("--prompt", required=True, help="what to draw; use an adapter's token, e.g. 'a photo of sks dog'")
@@ -237,6 +248,7 @@ def cmd_train(args) -> int:
             mixed_precision=args.mixed_precision, config_dir=args.config_dir, low_memory=args.low_memory,
             channels_last=args.channels_last, compile=args.compile, fused_adam=args.fused_adam,
             device_noise=args.device_noise, loss_every=args.loss_every, class_batch_size=args.class_batch_size,
+            snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, meter_every=args.meter_every, keep=args.keep,
         )
         job_id = jobs.create(config, args.images, status=JobStatus.QUEUED if args.submit else JobStatus.RUNNING)
     print(f"job {job_id}", file=sys.stderr)
@@ -259,9 +271,14 @@ def cmd_train(args) -> int:
     if job.status == JobStatus.FAILED:
         print(f"error: training failed: {job.error} (the traceback is in {job.folder / 'log.txt'})", file=sys.stderr)
         return 1
-    timings = job.folder / "timings.json"
+    timings, meter = job.folder / "timings.json", job.meter_record
+    chosen_adapter = None
+    if meter.get("chosen_adapter_id"):
+        chosen_adapter = jobs.library.get(meter["chosen_adapter_id"]).name
     print(json.dumps({"job": job_id, "adapter": jobs.adapter_name(job), "id": job.adapter_id, "token": token, "steps": job.step,
                       "seconds": round(time.time() - started, 1), "final_loss": job.losses[-1] if job.losses else None,
+                      "meter": meter.get("meter", []), "chosen_step": meter.get("chosen_step"),
+                      **({"chosen_adapter": chosen_adapter} if chosen_adapter else {}),
                       **({"timings": json.loads(timings.read_text())} if args.timings and timings.exists() else {})}))
     return 0
 
@@ -425,6 +442,8 @@ def cmd_jobs(args) -> int:
                     print(f"{key}: {record[key]}")
             if job.losses:
                 print(f"losses: {len(job.losses)} (last {job.losses[-1]:.4f})")
+            if record["meter"]:
+                print(f"meter: {len(record['meter'])} points, chosen step {record['chosen_step']}")
             print(f"log: {job.folder / 'log.txt'}")
     elif args.action == "cancel":
         status = jobs.cancel(args.job)

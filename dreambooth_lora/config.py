@@ -12,6 +12,7 @@ ADAPTER_TYPES = ("lora", "dora", "loha", "lokr")  # adapter_types.ADAPTER_TYPES;
 QLORA_TYPES = ("lora", "dora")  # PEFT has no 4-bit LoHa/LoKr
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+KEEP_CHOICES = ("final", "best", "both")
 STEPS_PER_IMAGE_REAL = 150  # DreamBooth/LoRA practice: 800-1500 steps for 5 images at 512 px
 CLASS_IMAGES_REAL = 200  # DreamBooth paper's N for prior preservation
 # Built-ins with SD 1.5's layout (dreambooth_lora/builtin_configs.py): stand-ins for real models in speed work,
@@ -61,6 +62,11 @@ class TrainConfig:
     device_noise: bool = True  # noise and timesteps drawn on the training device: no host-to-device copy per step
     loss_every: int | None = None  # read the loss every k steps (default 10 on CUDA, 1 on CPU): reading waits for the GPU
     class_batch_size: int | None = None  # class images per pipeline call: 8 on CPU, 32 on CUDA by default
+    # --- the objective and the meter (README "Quality" has each measured: bench/options.py) ---
+    snr_gamma: float = 0.0  # min-SNR-γ weighting (Hang et al. 2023; kohya suggests 5); 0: off
+    noise_offset: float = 0.0  # offset noise (Guttenberg 2023; 0.05-0.1 in practice); 0: off
+    meter_every: int = 0  # measure instance loss and prior drift every K steps, with a checkpoint at each; 0: off
+    keep: str = "final"  # what goes to the library: the final weights, the meter's chosen point, or both
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9_<>-]{1,32}", self.token or ""):
@@ -98,6 +104,15 @@ class TrainConfig:
             raise UserError(f"--loraplus-ratio speeds up LoRA's B matrices; --adapter-type {self.adapter_type} has none.")
         if self.mixed_precision not in MIXED_PRECISION:
             raise UserError(f"--mixed-precision {self.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}.")
+        if not 0 <= self.snr_gamma <= 1000:
+            raise UserError(f"--snr-gamma {self.snr_gamma}: must be from 0 (off) to 1000; 5 is the usual value.")
+        if not 0 <= self.noise_offset <= 1:
+            raise UserError(f"--noise-offset {self.noise_offset}: must be from 0 (off) to 1; 0.05-0.1 is usual.")
+        _check_range("--meter-every", self.meter_every, 0, 100_000)
+        if self.keep not in KEEP_CHOICES:
+            raise UserError(f"--keep {self.keep!r}: choose one of {', '.join(KEEP_CHOICES)}.")
+        if self.keep != "final" and not self.meter_every:
+            raise UserError(f"--keep {self.keep}: the meter picks the best step, so it needs --meter-every K (K > 0).")
         if self.device not in DEVICES:
             raise UserError(f"--device {self.device!r}: choose one of {', '.join(DEVICES)}.")
 

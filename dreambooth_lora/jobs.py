@@ -38,6 +38,8 @@ WRITE_INTERVAL = 0.5  # at most ~2 progress writes a second: the database is sha
 CANCEL_CHECK_INTERVAL = 0.5
 HOST = socket.gethostname()
 CHECKPOINT_FILE = "checkpoint.safetensors"
+METER_FILE = "meter.json"  # the meter's points and chosen step (dreambooth_lora/meter.py writes it)
+METER_CHECKPOINTS = "meter"  # the adapter tensors at each meter point, until the adapter is saved
 LOG_FILE = "log.txt"
 
 
@@ -118,15 +120,23 @@ class Job:
     def train_config(self) -> TrainConfig:
         return TrainConfig(**self.config)
 
+    @property
+    def meter_record(self) -> dict:
+        """The meter's points and chosen step ({} when the meter was off or has not measured yet)."""
+        path = self.folder / METER_FILE
+        return json.loads(path.read_text()) if path.exists() else {}
+
     def to_dict(self, adapter_name: str | None = None) -> dict:
         """The JSON of `jobs show --json`; `adapter` is the adapter's current name (None until saved)."""
         runner = None if self.runner is None else {"host": self.runner.host, "pid": self.runner.pid,
                                                    "started": self.runner.started, "heartbeat": self.runner.heartbeat}
+        meter = self.meter_record
         return {"id": self.id, "status": str(self.status), "phase": self.phase, "step": self.step, "total": self.total,
                 "losses": self.losses, "message": self.message, "error": self.error,
                 "error_kind": self.error_kind and str(self.error_kind), "resumable": self.resumable, "adapter": adapter_name,
                 "adapter_id": self.adapter_id, "runner": runner, "cancel_requested": self.cancel_requested,
-                "created": self.created, "updated": self.updated, "config": self.config}
+                "created": self.created, "updated": self.updated, "config": self.config,
+                "meter": meter.get("meter", []), "chosen_step": meter.get("chosen_step")}
 
 
 def pid_alive(pid: int | None) -> bool:

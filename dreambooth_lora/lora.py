@@ -5,6 +5,8 @@ The UNet takes any adapter type of adapter_types.py; the text encoder's modes st
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
@@ -48,3 +50,23 @@ def collect_adapter_tensors(unet, text_encoder=None, identifier: IdentifierEmbed
     if identifier is not None:
         tensors.update(identifier.state())
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+
+
+@contextmanager
+def adapters_disabled(unet, text_encoder, token_embedding: TokenEmbedding | None = None):
+    """Within the block the model is the frozen base: every LoRA layer off (PEFT's enable_adapters(False)) and the
+    identifier embedding's hook removed. The meter's prior drift compares against this."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for module in (unet, text_encoder) for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    if token_embedding is not None:
+        token_embedding.detach()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)  # PEFT also sets requires_grad back on the active adapter's weights
+        if token_embedding is not None:
+            token_embedding.attach(text_encoder)

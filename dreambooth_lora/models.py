@@ -127,7 +127,7 @@ def _build_tiny_random() -> BaseModel:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    return _assemble("builtin:tiny-random", unet, vae, text_encoder, tokenizer, sd_scheduler_config(), TINY_RANDOM_RESOLUTION)
+    return assemble("builtin:tiny-random", unet, vae, text_encoder, tokenizer, sd_scheduler_config(), TINY_RANDOM_RESOLUTION)
 
 
 def builtin_names() -> list[str]:
@@ -218,7 +218,7 @@ def load_base_model(name: str, config_dir: str | None = None) -> BaseModel:
         from . import builtin_configs
 
         unet, vae, text_encoder, tokenizer, scheduler = builtin_configs.build_components(name)
-        return _assemble(name, unet, vae, text_encoder, tokenizer, dict(scheduler.config), builtin_configs.native_resolution(name))
+        return assemble(name, unet, vae, text_encoder, tokenizer, dict(scheduler.config), builtin_configs.native_resolution(name))
     if name.startswith("builtin:"):
         folder = BUILTIN_DIR / name.removeprefix("builtin:")
         if not (folder / "model_index.json").exists():
@@ -270,10 +270,10 @@ def _from_single_file(name: str, path: Path, config_dir: str | None) -> BaseMode
 
 
 def _from_pipeline(name: str, pipe: StableDiffusionPipeline, resolution: int) -> BaseModel:
-    return _assemble(name, pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config), resolution)
+    return assemble(name, pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config), resolution)
 
 
-def _assemble(name, unet, vae, text_encoder, tokenizer, scheduler_config, resolution) -> BaseModel:
+def assemble(name, unet, vae, text_encoder, tokenizer, scheduler_config, resolution) -> BaseModel:
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
         module.eval()

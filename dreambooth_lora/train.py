@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from . import __version__
-from .adapter_file import AdapterFile, store_adapter
+from .adapter_file import AdapterFile, free_name, store_adapter
 from .adapter_types import TRAINABLE_MARKERS
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, uses_tiny_defaults
 from .errors import UserError
 from .faults import fault_point
 from .images import load_subject_images
-from .jobs import CHECKPOINT_FILE, Jobs
+from .jobs import CHECKPOINT_FILE, METER_CHECKPOINTS, METER_FILE, Jobs
 from .library import AdapterEntry, Library
 from .identifier import IdentifierEmbedding, from_file_tensors
 from .lora import (
@@ -27,7 +27,8 @@ from .lora import (
     collect_adapter_tensors,
     lora_parameters,
 )
-from .losses import prior_preservation_loss
+from .losses import min_snr_weights, offset_noise, prior_preservation_loss
+from .meter import Meter, meter_due
 from .models import BaseModel, load_base_model
 from .paths import atomic_path, prior_root
 from .prior import PriorSettings, ensure_prior_images, load_prior_images
@@ -72,6 +73,9 @@ class TrainResult:
     # for bench/speed.py: class_images (generated), class_images_seconds, step_ends (seconds since the start of
     # run_training at the end of each step trained in this process), peak_gpu_bytes on CUDA
     timings: dict = field(default_factory=dict)
+    meter: list[dict] = field(default_factory=list)  # the meter's points, when it was on
+    chosen_step: int | None = None
+    chosen_adapter: AdapterEntry | None = None  # with keep=both, the chosen point's adapter when it is not the final
 
 
 @dataclass
@@ -94,6 +98,7 @@ class Run:
     step: int = 0
     losses: list = field(default_factory=list)
     timings: dict = field(default_factory=lambda: {"step_ends": []})
+    meter: Meter | None = None
 
 
 def run_training(
@@ -153,11 +158,18 @@ def prepare_run(config: TrainConfig, job_dir: Path, prior_dir: Path | None, on_p
               torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16),
               instance_latents, class_latents, device, weight_dtype, autocast_dtype, job_dir / CHECKPOINT_FILE,
               timings=timings)
+    if config.meter_every:  # its probes: the photos' latent means, and the first class images' (else the photos')
+        scale = model.vae.config.scaling_factor
+        run.meter = Meter.with_probes(config.meter_every, config.prior_weight, instance_latents[0].cpu() * scale,
+                                      (class_latents or instance_latents)[0].cpu() * scale, scheduler,
+                                      job_dir / METER_FILE, job_dir / METER_CHECKPOINTS)
     if run.checkpoint_path.exists():
         weights, run.step, run.losses = load_checkpoint(run.checkpoint_path, optimizer, generator)
         trainables.load_tensors(weights)
         on_progress(Progress("training", run.step, config.steps, run.losses[-1] if run.losses else None,
                              f"resumed at step {run.step}"))
+    if run.meter is not None:
+        run.meter.resume(run.step)
     return run
 
 
@@ -182,6 +194,8 @@ def training_step(run: Run) -> torch.Tensor:
     latents, n_instance = sample_latents(run.instance_latents, run.class_latents, run.config.batch_size, generator)
     latents = latents.to(run.device) * model.vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(run.device)
+    if run.config.noise_offset:  # drawn only when on, so runs without it keep their random stream
+        noise = offset_noise(noise, run.config.noise_offset, generator)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
                               device=generator.device).to(run.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -191,7 +205,12 @@ def training_step(run: Run) -> torch.Tensor:
     with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
         prediction = model.unet(noisy.to(run.weight_dtype), timesteps, hidden.to(run.weight_dtype)).sample
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-    loss, _, _ = prior_preservation_loss(prediction, target, n_instance, run.config.prior_weight)
+    weights = None
+    if run.config.snr_gamma:
+        from diffusers.training_utils import compute_snr
+
+        weights = min_snr_weights(compute_snr(scheduler, timesteps), run.config.snr_gamma, scheduler.config.prediction_type)
+    loss, _, _ = prior_preservation_loss(prediction, target, n_instance, run.config.prior_weight, weights)
     run.scaler.scale(loss).backward()  # the scaler is a pass-through unless the run is fp16
     run.scaler.unscale_(run.optimizer)
     fault_point("step")  # mid-step: gradients computed, weights not yet updated
@@ -239,6 +258,8 @@ def train_steps(run: Run, job_dir: Path, on_progress, should_stop, sample_every:
                 read_losses()
             on_progress(Progress("training", run.step, config.steps, None if pending else run.losses[-1]))
             run.timings["step_ends"].append(time.perf_counter() - perf_started)
+            if run.meter is not None and meter_due(run.step, config.meter_every, config.steps):
+                record_meter_point(run, on_progress)
             if checkpoint_due():
                 checkpoint()
                 on_progress(Progress("training", run.step, config.steps, run.losses[-1]))  # written: training again
@@ -256,18 +277,56 @@ def train_steps(run: Run, job_dir: Path, on_progress, should_stop, sample_every:
     run.model.unet.eval()
 
 
+def record_meter_point(run: Run, on_progress) -> None:
+    point = run.meter.measure(run.step, run.model.unet, run.model.text_encoder, run.trainables, run.device,
+                              run.weight_dtype, run.autocast_dtype)
+    run.meter.add(point, run.trainables.tensors())
+    on_progress(Progress("training", run.step, run.config.steps, run.losses[-1] if run.losses else None,
+                         f"meter at step {point.step}: instance loss {point.instance_loss:.4f}, "
+                         f"prior drift {point.prior_drift:.3g}"))
+
+
 def finish_run(library: Library, run: Run, job_id: str, on_progress, started: float, perf_started: float) -> TrainResult:
-    """Put the adapter in the library, then make its sample images (off the path to a usable adapter)."""
-    on_progress(Progress("saving", run.step, run.config.steps, run.losses[-1] if run.losses else None))
-    entry = save_adapter(library, run.model, run.trainables, run.config, job_id, run.losses)
+    """Put the adapter in the library (with the meter: per --keep, the final weights, the chosen point's or
+    both), then make its sample images (off the path to a usable adapter)."""
+    config, meter = run.config, run.meter
+    on_progress(Progress("saving", run.step, config.steps, run.losses[-1] if run.losses else None))
+    chosen, final_tensors = None, None
+    if meter is not None:
+        if not meter.points or meter.points[-1].step != run.step:  # resumed after the last point was measured
+            record_meter_point(run, on_progress)
+        chosen = meter.chosen_step()
+        on_progress(Progress("saving", run.step, config.steps, message=f"meter chose step {chosen} of {run.step} "
+                             f"(keep {config.keep})"))
+    if chosen is not None and chosen != run.step and config.keep in ("best", "both"):
+        final_tensors = run.trainables.tensors()
+    if config.keep == "best" and final_tensors is not None:
+        run.trainables.load_tensors(meter.tensors_at(chosen))
+    meter_meta = {} if meter is None else {"chosen_step": chosen,
+                                           "weights_step": chosen if config.keep == "best" else run.step}
+    entry = save_adapter(library, run.model, run.trainables, config, job_id, run.losses, meter_meta)
+    chosen_entry = None
+    if config.keep == "both" and final_tensors is not None:
+        run.trainables.load_tensors(meter.tensors_at(chosen))
+        chosen_config = replace(config, name=free_name(library, f"{entry.name}-step{chosen}"))
+        chosen_entry = save_adapter(library, run.model, run.trainables, chosen_config, job_id, run.losses,
+                                    {"chosen_step": chosen, "weights_step": chosen})
     run.timings["adapter_saved"] = time.perf_counter() - perf_started
     # Recorded on the job before the checkpoint goes: a crash from here on leaves a job that reads its adapter.
-    on_progress(Progress("samples", run.step, run.config.steps, message=f"saved adapter {entry.name}", adapter_id=entry.id))
+    on_progress(Progress("samples", run.step, config.steps, message=f"saved adapter {entry.name}"
+                         + (f" and {chosen_entry.name} (step {chosen})" if chosen_entry else ""), adapter_id=entry.id))
+    if meter is not None:
+        meter.write(chosen_entry.id if chosen_entry else None)
+        meter.drop_tensors()
     run.checkpoint_path.unlink(missing_ok=True)  # the adapter is saved; the checkpoint has no further use
-    write_samples(entry, run.model, run.trainables, run.config)
+    if chosen_entry is not None:
+        write_samples(chosen_entry, run.model, run.trainables, config)  # the chosen point's weights are loaded
+        run.trainables.load_tensors(final_tensors)
+    write_samples(entry, run.model, run.trainables, config)
     if run.device.type == "cuda":
         run.timings["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
-    return TrainResult(entry, job_id, run.losses, time.time() - started, run.timings)
+    return TrainResult(entry, job_id, run.losses, time.time() - started, run.timings,
+                       [p.to_dict() for p in meter.points] if meter else [], chosen, chosen_entry)
 
 
 def ensure_class_images(model: BaseModel, config: TrainConfig, device, prior_dir: Path | None,
@@ -326,14 +385,14 @@ def encode_images(model: BaseModel, images: list) -> tuple[torch.Tensor, torch.T
     """VAE latent mean and std of every image, computed once (sampled afresh each step)."""
     means, stds = [], []
     for start in range(0, len(images), 16):
-        pixels = torch.stack([_to_tensor(image) for image in images[start : start + 16]]).to(model.vae.device)
+        pixels = torch.stack([image_to_tensor(image) for image in images[start : start + 16]]).to(model.vae.device)
         dist = model.vae.encode(pixels).latent_dist
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
 
 
-def _to_tensor(image) -> torch.Tensor:
+def image_to_tensor(image) -> torch.Tensor:
     array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(image.height, image.width, 3)
     return array.permute(2, 0, 1).float() / 127.5 - 1.0
 
@@ -503,7 +562,7 @@ def generate_samples(model: BaseModel, trainables: Trainables, config: TrainConf
 
 
 def save_adapter(library: Library, model: BaseModel, trainables: Trainables, config: TrainConfig,
-                 job_id: str, losses: list[float]) -> AdapterEntry:
+                 job_id: str, losses: list[float], extra_meta: dict | None = None) -> AdapterEntry:
     """Store the adapter file and meta in the library (all or nothing); samples follow (write_samples).
 
     `store_adapter` adds the id, the time, and the rank and alpha of the saved layers to the metadata."""
@@ -517,6 +576,7 @@ def save_adapter(library: Library, model: BaseModel, trainables: Trainables, con
         "resolution": config.resolution, "lr": config.lr, "loraplus_ratio": config.loraplus_ratio,
         "seed": config.seed, "job": job_id, "final_loss": losses[-1] if losses else None,
         "prompt_similarity": round(trainables.separation, 4), "studio_version": __version__,
+        "snr_gamma": config.snr_gamma, "noise_offset": config.noise_offset, **(extra_meta or {}),
     }
     return store_adapter(library, AdapterFile.from_tensors(trainables.tensors(), meta, config.lora_alpha, config.rank))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dreambooth_lora.tinyworld.base_model import BaseTrainConfig, prompt_following, train_base_model
+from dreambooth_lora.bench.base_model import BaseTrainConfig, prompt_following, train_base_model
 
 
 def main() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dreambooth_lora.tinyworld.base_model import BaseTrainConfig, train_base_model
+from dreambooth_lora.bench.base_model import BaseTrainConfig, train_base_model
 
 
 @pytest.mark.slow

@@ -42,3 +42,55 @@ def test_half_precision_inputs_give_an_fp32_loss():
     total, _, _ = prior_preservation_loss(PREDICTION.half(), TARGET.half(), n_instance=2, prior_weight=1.0)
     assert total.dtype == torch.float32
     assert total.item() == pytest.approx(INSTANCE_BY_HAND + CLASS_BY_HAND)
+
+
+def test_sample_weights_scale_each_rows_squared_error():
+    weights = torch.tensor([1.0, 0.5, 2.0, 0.0])
+    total, instance, prior = prior_preservation_loss(PREDICTION, TARGET, n_instance=2, prior_weight=1.0,
+                                                     sample_weights=weights)
+    # row means: instance (1+4)/2 and (0+4)/2, class (4+0)/2 and (0+4)/2
+    assert instance.item() == pytest.approx((1.0 * 2.5 + 0.5 * 2.0) / 2)
+    assert prior.item() == pytest.approx((2.0 * 2.0 + 0.0 * 2.0) / 2)
+    ones = prior_preservation_loss(PREDICTION, TARGET, 2, 1.0, sample_weights=torch.ones(4))[0]
+    assert ones.item() == pytest.approx(INSTANCE_BY_HAND + CLASS_BY_HAND)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_are_min_snr_gamma_over_snr_from_the_schedulers_alphas(prediction_type):
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from dreambooth_lora.losses import min_snr_weights
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    timesteps = torch.tensor([0, 10, 100, 300, 500, 999])
+    snr = compute_snr(scheduler, timesteps)
+    alpha_bar = scheduler.alphas_cumprod[timesteps]
+    assert torch.allclose(snr, alpha_bar / (1 - alpha_bar))  # SNR = alpha_bar / (1 - alpha_bar), by hand
+    weights = min_snr_weights(snr, 5.0, prediction_type)
+    by_hand = [min(s, 5.0) / (s if prediction_type == "epsilon" else s + 1) for s in snr.tolist()]
+    assert weights.tolist() == pytest.approx(by_hand)
+    if prediction_type == "epsilon":  # noisy steps (SNR <= 5) keep weight 1; clean ones are damped
+        assert (weights[snr <= 5] == 1).all() and (weights[snr > 5] < 1).all()
+
+
+def test_min_snr_weights_refuse_an_unknown_prediction_type():
+    from dreambooth_lora.losses import min_snr_weights
+
+    with pytest.raises(ValueError, match="sample"):
+        min_snr_weights(torch.ones(2), 5.0, "sample")
+
+
+def test_offset_noise_shifts_each_sample_and_channel_by_offset_times_a_seeded_normal():
+    from dreambooth_lora.losses import offset_noise
+
+    noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    shifted = offset_noise(noise, 0.05, torch.Generator().manual_seed(7))
+    shift = shifted - noise
+    # constant over the image: one value per (sample, channel), equal to 0.05 * N(0,1) from the generator
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-7)
+    expected = 0.05 * torch.randn(3, 4, 1, 1, generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(shift[:, :, :1, :1], expected, atol=1e-7)
+    # so each channel's mean moves by that amount, and the per-channel means spread wider than without it
+    assert torch.allclose(shifted.mean(dim=(2, 3)) - noise.mean(dim=(2, 3)), expected[:, :, 0, 0], atol=1e-6)
+    assert torch.equal(offset_noise(noise, 0.0, torch.Generator().manual_seed(7)), noise)

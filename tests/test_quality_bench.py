@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dreambooth_lora.tinyworld import quality
+from dreambooth_lora.bench import quality
 
 
 def test_diversity_distance_is_zero_for_equal_and_one_for_disjoint_attributes():
@@ -50,11 +50,99 @@ def test_a_failed_run_is_reported_in_its_row_and_left_out_of_the_means():
     summary = quality.summarise([ok, failed])
     assert summary["lambda=1"]["subject_fidelity"] == 0.5 and summary["lambda=0"]["subject_fidelity"] is None
 
+    bench = load_script("quality")
+    table = bench.markdown({"runs": [ok, failed], "summary": summary})
+    assert "| redyellow-ball | 1 | 1 | none | failed: RuntimeError: boom |" in table
+
+
+def load_script(name: str):
+    """One of the bench/ scripts as a module (they are scripts, not a package)."""
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bench_quality", Path(__file__).parents[1] / "bench" / "quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    table = bench.markdown({"runs": [ok, failed], "summary": summary})
-    assert "| redyellow-ball | 1 | 1 | none | failed: RuntimeError: boom |" in table
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_with_json_stdout_is_the_json_report_alone_and_the_tables_go_to_stderr(monkeypatch, capsys):
+    import json
+    import sys
+
+    bench = load_script("quality")
+    row = dict(subject="redyellow-ball", prior_weight=1.0, seed=0, text_encoder="none", subject_fidelity=0.5,
+               prior_leak=0.0, class_diversity_tv=0.1, recontext=1.0, recontext_subject=0.5, train_seconds=10.0)
+    report = {"runs": [row], "summary": quality.summarise([row]), "vae_ceiling": {}, "workers": 2, "seconds": 1.0,
+              "machine": "test"}
+
+    def fake_bench(quick, settings, workers, machine, on_row):
+        on_row(row)
+        return report
+
+    monkeypatch.setattr(bench, "run_bench", fake_bench)
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--quick", "--json", "--markdown"])
+    assert bench.main() == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == report
+    assert "subject_fidelity" in err and "| setting |" in err
+
+
+# ----- the option rows (bench/options.py) -----
+
+def option_row(variant, seed, fidelity, leak, chosen=None, chosen_step=400):
+    row = dict(subject="redyellow-ball", prior_weight=1.0, seed=seed, text_encoder="none", variant=variant, steps=400,
+               subject_fidelity=fidelity, prior_leak=leak, recontext=1.0, recontext_subject=0.5,
+               class_diversity_tv=0.1, train_seconds=60.0)
+    if chosen is not None:
+        row.update(chosen_step=chosen_step, meter=[], chosen=dict(subject_fidelity=chosen[0], prior_leak=chosen[1],
+                   recontext=1.0, recontext_subject=0.5, class_diversity_tv=0.1))
+    return row
+
+
+def test_options_plan_has_each_variant_over_every_subject_and_both_seeds_at_lambda_1():
+    from dreambooth_lora.bench import options
+    from dreambooth_lora.tinyworld import world
+
+    tasks = options.plan(quick=False)
+    assert len(tasks) == len(options.VARIANTS) * len(world.SUBJECTS) * 2
+    assert all(run.prior_weight == 1.0 and run.variant in options.VARIANTS for run, _ in tasks)
+    settings = {run.variant: s for run, s in tasks}
+    assert settings["min-snr-5"].snr_gamma == 5.0 and settings["noise-offset-0.05"].noise_offset == 0.05
+    assert settings["defaults+meter"].meter_every > 0 and settings["min-snr-5"].meter_every == 0
+    assert len(options.plan(quick=True)) == len(options.VARIANTS)
+
+
+def test_meter_verdict_counts_chosen_at_least_final_with_leak_no_higher_in_5_of_6():
+    from dreambooth_lora.bench.options import meter_verdict, summarise
+
+    rows = [option_row("defaults+meter", 0, 0.8, 0.0, chosen=(0.8, 0.0)),  # chose the last step: equal
+            option_row("defaults+meter", 1, 0.6, 0.0, chosen=(0.7, 0.0), chosen_step=250),  # earlier and better
+            option_row("defaults+meter", 2, 0.9, 0.0, chosen=(0.95, 0.1), chosen_step=300),  # higher leak: fails
+            option_row("defaults+meter", 3, 0.9, 0.0, chosen=(0.85, 0.0), chosen_step=300),  # lower fidelity: fails
+            option_row("defaults+meter", 4, 0.5, 0.1, chosen=(0.5, 0.0), chosen_step=350),
+            option_row("defaults+meter", 5, 0.5, 0.0, chosen=(0.5, 0.0))]
+    verdict = meter_verdict(rows)
+    assert verdict == {"runs": 6, "chosen_at_least_final": 4, "needed": 5, "predicts": False,
+                       "chose_an_earlier_step": 4, "earlier_and_better": 1, "earlier_and_worse": 1}
+    summary = summarise(rows + [option_row("min-snr-5", 0, 1.0, 0.0), option_row("min-snr-5", 1, 0.5, 0.0)])
+    assert summary["min-snr-5"]["subject_fidelity"] == 0.75 and summary["min-snr-5"]["min_fidelity"] == 0.5
+    assert summary["min-snr-5"]["runs_fidelity_ge_0_8"] == 1 and summary["meter_verdict"] == verdict
+    assert summary["meter_chosen"]["subject_fidelity"] == round((0.8 + 0.7 + 0.95 + 0.85 + 0.5 + 0.5) / 6, 3)
+
+
+def test_options_script_with_json_prints_the_report_alone_on_stdout(monkeypatch, capsys):
+    import json
+    import sys
+
+    script = load_script("options")
+    rows = [option_row("defaults+meter", 0, 0.8, 0.0, chosen=(0.9, 0.0), chosen_step=300),
+            option_row("noise-offset-0.05", 0, 0.7, 0.0)]
+    monkeypatch.setattr(script, "run_tasks", lambda tasks, workers, machine, work, on_row: {
+        "runs": rows, "workers": workers, "seconds": 1.0, "machine": machine})
+    monkeypatch.setattr(sys, "argv", ["options.py", "--quick", "--json"])
+    assert script.main() == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["summary"]["meter_verdict"]["earlier_and_better"] == 1
+    assert "verdict:" in err and "noise-offset-0.05" in err

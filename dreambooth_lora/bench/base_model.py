@@ -22,10 +22,10 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..models import BaseModel, _assemble, sd_scheduler_config
+from ..models import BaseModel, assemble, sd_scheduler_config
 from ..paths import atomic_path
 from ..tokenizer import build_tokenizer
-from . import analyser, world
+from ..tinyworld import analyser, world
 
 MAX_TOKENS = 24  # longest caption is 15 tokens with start/end; 77 would waste compute
 CAPTION_DROPOUT = 0.1  # empty captions teach the unconditional branch for guidance
@@ -243,7 +243,7 @@ def train_base_model(config: BaseTrainConfig, work: Path, out: Path, device: tor
     vae.register_to_config(scaling_factor=scaling)
     log({"phase": "latents", "std": round(float(latents.std()), 4), "scaling_factor": round(scaling, 4)})
     train_unet(unet, text_encoder, tokenizer, latents, captions, scaling, config, work, device, log)
-    model = _assemble("builtin:tiny-world", unet.cpu().float(), vae.cpu().float(), text_encoder.cpu().float(),
+    model = assemble("builtin:tiny-world", unet.cpu().float(), vae.cpu().float(), text_encoder.cpu().float(),
                       tokenizer, sd_scheduler_config(), world.IMAGE_SIZE)
     export(model, out, config)
     return model

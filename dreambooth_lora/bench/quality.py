@@ -34,10 +34,11 @@ class Run:
     prior_weight: float
     seed: int
     text_encoder: str
+    variant: str = ""  # bench/options.py: which option row the run belongs to
 
     @property
     def name(self) -> str:
-        return f"{self.subject}-l{self.prior_weight:g}-s{self.seed}-{self.text_encoder}"
+        return f"{self.subject}-l{self.prior_weight:g}-s{self.seed}-{self.text_encoder}" + (f"-{self.variant}" if self.variant else "")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class Settings:
     batch_size: int | None = None
     text_encoder: str = "none"
     adapter_type: str = "lora"  # the UNet's adapter type (bench/methods.py compares them)
+    snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    meter_every: int = 0  # on: keep both, and the row also scores the meter's chosen point ("chosen")
 
 
 def prompts(cls: str) -> dict[str, str]:
@@ -63,7 +67,7 @@ def prompts(cls: str) -> dict[str, str]:
 
 def plan(quick: bool, text_encoder: str = "none") -> list[Run]:
     """Quick: one subject, one seed, lambda {1, 0}. Full: every subject x lambda x 2 seeds + the other TE modes."""
-    from . import world
+    from ..tinyworld import world
 
     subjects = list(world.SUBJECTS)[: 1 if quick else None]
     seeds = [0] if quick else [0, 1]
@@ -116,7 +120,7 @@ def summarise(results: list[dict]) -> dict:
 def evaluate(session, subject: str, cls: str, samples: int) -> dict:
     """Generate each prompt `samples` times with fixed seeds and read the images back."""
     from ..generate import GenerateSettings
-    from . import analyser
+    from ..tinyworld import analyser
 
     out = {}
     for role, prompt in prompts(cls).items():
@@ -135,11 +139,11 @@ def vae_ceiling(model, subject: str) -> float:
     import torch
     from PIL import Image
 
-    from ..train import _to_tensor
-    from . import analyser, world
+    from ..train import image_to_tensor
+    from ..tinyworld import analyser, world
 
     paths = world.subject_image_paths(subject)
-    pixels = torch.stack([_to_tensor(Image.open(p).convert("RGB")) for p in paths])
+    pixels = torch.stack([image_to_tensor(Image.open(p).convert("RGB")) for p in paths])
     with torch.no_grad():
         recon = model.vae.decode(model.vae.encode(pixels).latent_dist.mean).sample
     arrays = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
@@ -150,7 +154,7 @@ def baseline_task(subject: str, samples: int) -> tuple[str, dict, float]:
     """The base model on the subject's prompts, and the VAE ceiling for the subject."""
     from ..generate import AdapterSession
     from ..models import load_base_model
-    from . import world
+    from ..tinyworld import world
 
     base = load_base_model(MODEL)
     scores = evaluate(AdapterSession(base), subject, world.SUBJECTS[subject].cls, samples)
@@ -174,38 +178,49 @@ def class_images_task(cls: str, work: Path) -> str:
 def train_and_evaluate(run: Run, settings: Settings, work: Path) -> dict:
     """Train one adapter with the product's defaults (bar the settings' overrides) and score it."""
     from ..config import TrainConfig
-    from ..generate import AdapterSession
     from ..jobs import create_job
     from ..library import Library
-    from ..models import load_base_model
     from ..train import run_training
-    from . import world
+    from ..tinyworld import world
 
     subject = world.SUBJECTS[run.subject]
     overrides = {k: v for k, v in dict(steps=settings.steps, lr=settings.lr, token_lr=settings.token_lr,
                                         batch_size=settings.batch_size).items() if v is not None}
     config = TrainConfig(token=TOKEN, class_noun=subject.cls, base_model=MODEL, name=run.name,
                          prior_weight=run.prior_weight, seed=run.seed, text_encoder=run.text_encoder,
-                         adapter_type=settings.adapter_type, **overrides)
+                         snr_gamma=settings.snr_gamma, noise_offset=settings.noise_offset, adapter_type=settings.adapter_type,
+                         meter_every=settings.meter_every, keep="both" if settings.meter_every else "final", **overrides)
     library = Library(work / f"data-{run.name}")  # one library per run: workers never share a database
     job = create_job(library, config, world.subject_image_paths(run.subject))
     started = time.time()
     result = run_training(library, job, prior_dir=work / "prior")
     seconds = time.time() - started
+    row = {**asdict(run), "steps": result.adapter.steps, "train_seconds": round(seconds, 1),
+           "adapter_type": result.adapter.adapter_type, "trainable_params": result.adapter.trainable_params,
+           "file_bytes": result.adapter.size_bytes,
+           **adapter_scores(result.adapter, run.subject, subject.cls, settings.samples), "final_loss": result.losses[-1]}
+    if settings.meter_every:
+        row["meter"], row["chosen_step"] = result.meter, result.chosen_step
+        chosen = result.chosen_adapter  # None when the meter chose the final step: the same weights, the same figures
+        scores = adapter_scores(chosen, run.subject, subject.cls, settings.samples) if chosen else row
+        row["chosen"] = {key: scores[key] for key in (*SCORES, "class_readings")}
+    return row
+
+
+SCORES = ("subject_fidelity", "prior_leak", "recontext", "recontext_subject")
+
+
+def adapter_scores(adapter, subject: str, cls: str, samples: int) -> dict:
+    """An adapter's figures on the world's prompts (class_readings: the class images' attributes, for diversity)."""
+    from ..generate import AdapterSession
+    from ..models import load_base_model
+
     session = AdapterSession(load_base_model(MODEL))
-    session.apply([(result.adapter, 1.0)], fuse=True)
-    scores = evaluate(session, run.subject, subject.cls, settings.samples)
-    return {
-        **asdict(run), "steps": result.adapter.steps, "train_seconds": round(seconds, 1),
-        "adapter_type": result.adapter.adapter_type, "trainable_params": result.adapter.trainable_params,
-        "file_bytes": result.adapter.size_bytes,
-        "subject_fidelity": scores["instance"]["subject"],
-        "prior_leak": scores["class"]["subject"],
-        "recontext": scores["recontext"]["background"],
-        "recontext_subject": scores["recontext"]["subject"],
-        "final_loss": result.losses[-1],
-        "class_readings": scores["class"]["readings"],
-    }
+    session.apply([(adapter, 1.0)], fuse=True)
+    scores = evaluate(session, subject, cls, samples)
+    return {"subject_fidelity": scores["instance"]["subject"], "prior_leak": scores["class"]["subject"],
+            "recontext": scores["recontext"]["background"], "recontext_subject": scores["recontext"]["subject"],
+            "class_readings": scores["class"]["readings"]}
 
 
 def _start_worker() -> None:
@@ -220,19 +235,21 @@ def _start_worker() -> None:
 # ---------------------------------------------------------------- the whole bench
 
 
-def _run_tasks(pool, runs: list[Run], settings: Settings, work: Path, on_row) -> tuple[dict, list[dict]]:
-    from . import world
+def _run_tasks(pool, tasks: list[tuple[Run, Settings]], work: Path, on_row) -> tuple[dict, list[dict]]:
+    from ..tinyworld import world
 
+    runs = [run for run, _ in tasks]
+    samples = tasks[0][1].samples
     subjects = list(dict.fromkeys(r.subject for r in runs))
     classes = sorted({world.SUBJECTS[r.subject].cls for r in runs if r.prior_weight > 0})
     # Class images first (lambda > 0 runs need them), then work that needs nothing; the longer
     # lambda = 1 runs go in as soon as the class images exist.
     prior_jobs = [pool.apply_async(class_images_task, (cls, work)) for cls in classes]
-    baseline_jobs = [pool.apply_async(baseline_task, (s, settings.samples)) for s in subjects]
-    run_jobs = [(r, pool.apply_async(train_and_evaluate, (r, settings, work))) for r in runs if r.prior_weight == 0]
+    baseline_jobs = [pool.apply_async(baseline_task, (s, samples)) for s in subjects]
+    run_jobs = [(r, pool.apply_async(train_and_evaluate, (r, s, work))) for r, s in tasks if r.prior_weight == 0]
     for job in prior_jobs:
         job.get()
-    run_jobs += [(r, pool.apply_async(train_and_evaluate, (r, settings, work))) for r in runs if r.prior_weight > 0]
+    run_jobs += [(r, pool.apply_async(train_and_evaluate, (r, s, work))) for r, s in tasks if r.prior_weight > 0]
     baselines = {subject: (scores, ceiling) for subject, scores, ceiling in (job.get() for job in baseline_jobs)}
     rows = []
     for run, job in run_jobs:
@@ -243,6 +260,9 @@ def _run_tasks(pool, runs: list[Run], settings: Settings, work: Path, on_row) ->
         else:
             base_class = baselines[row["subject"]][0]["class"]["readings"]
             row["class_diversity_tv"] = round(diversity_distance(row.pop("class_readings"), base_class), 3)
+            if "chosen" in row:
+                chosen = row["chosen"]
+                chosen["class_diversity_tv"] = round(diversity_distance(chosen.pop("class_readings"), base_class), 3)
         rows.append(row)
         on_row(row)
     return baselines, rows
@@ -251,12 +271,21 @@ def _run_tasks(pool, runs: list[Run], settings: Settings, work: Path, on_row) ->
 def run_bench(quick: bool, settings: Settings, workers: int = 2, machine: str = "", work: Path | None = None,
               on_row=lambda row: None) -> dict:
     """Run every task of the plan on `workers` processes and return the report (rows, summary, ceilings)."""
+    tasks = [(run, settings) for run in plan(quick, settings.text_encoder)]
+    report = run_tasks(tasks, workers, machine, work, on_row)
+    report["summary"] = summarise(report["runs"])
+    return report
+
+
+def run_tasks(tasks: list[tuple[Run, Settings]], workers: int = 2, machine: str = "", work: Path | None = None,
+              on_row=lambda row: None) -> dict:
+    """Train and score each (run, settings) on `workers` processes; the report without a summary."""
     started = time.time()
     work = Path(work or tempfile.mkdtemp(prefix="dbl-quality-"))
-    runs = plan(quick, settings.text_encoder)
+    runs = [run for run, _ in tasks]
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker)
     try:
-        baselines, rows = _run_tasks(pool, runs, settings, work, on_row)
+        baselines, rows = _run_tasks(pool, tasks, work, on_row)
         pool.close()  # a clean exit: no leaked semaphores, workers end on their own
     except BaseException:
         pool.terminate()
@@ -264,11 +293,11 @@ def run_bench(quick: bool, settings: Settings, workers: int = 2, machine: str = 
     finally:
         pool.join()
     order = {run: index for index, run in enumerate(runs)}
-    rows.sort(key=lambda r: order[Run(r["subject"], r["prior_weight"], r["seed"], r["text_encoder"])])
+    rows.sort(key=lambda r: order[Run(r["subject"], r["prior_weight"], r["seed"], r["text_encoder"], r["variant"])])
     return {
-        "model": MODEL, "samples_per_prompt": settings.samples, "machine": machine, "workers": workers,
+        "model": MODEL, "samples_per_prompt": tasks[0][1].samples, "machine": machine, "workers": workers,
         "vae_ceiling": {s: ceiling for s, (_, ceiling) in baselines.items()},
         "base": {s: {"leak": scores["class"]["subject"], "fidelity": scores["instance"]["subject"],
                      "recontext": scores["recontext"]["background"]} for s, (scores, _) in baselines.items()},
-        "runs": rows, "summary": summarise(rows), "seconds": round(time.time() - started, 1),
+        "runs": rows, "seconds": round(time.time() - started, 1),
     }

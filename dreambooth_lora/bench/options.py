@@ -1,0 +1,64 @@
+"""The option rows of the quality bench (engine of bench/options.py): the product's defaults with the meter on,
+min-SNR-γ and noise offset, each over every shipped subject at λ = 1 and the grid's two seeds.
+
+The meter rides on the defaults row: measuring changes no weight and draws no random number (tests/test_meter.py),
+so a run's final adapter is the defaults' adapter, and its chosen point is scored beside it.
+"""
+
+from __future__ import annotations
+
+from .quality import SCORES, Run, Settings
+
+METER_EVERY = 50  # 8 points in the built-ins' 400 steps
+VARIANTS = {
+    "defaults+meter": Settings(meter_every=METER_EVERY),
+    "min-snr-5": Settings(snr_gamma=5.0),  # Hang et al. 2023's and kohya's gamma
+    "noise-offset-0.05": Settings(noise_offset=0.05),
+}
+COLUMNS = (*SCORES, "class_diversity_tv", "train_seconds")
+
+
+def plan(quick: bool, samples: int = 32) -> list[tuple[Run, Settings]]:
+    """Quick: one subject, seed 0. Full: every subject x seeds 0 and 1; lambda = 1 throughout."""
+    from dataclasses import replace
+
+    from ..tinyworld import world
+
+    subjects = list(world.SUBJECTS)[: 1 if quick else None]
+    seeds = [0] if quick else [0, 1]
+    return [(Run(subject, 1.0, seed, "none", variant), replace(settings, samples=samples))
+            for variant, settings in VARIANTS.items() for subject in subjects for seed in seeds]
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per variant: the mean of each figure, the lowest fidelity and how many runs reach fidelity 0.8."""
+    summary = {}
+    for variant in VARIANTS:
+        done = [r for r in rows if r["variant"] == variant and "error" not in r]
+        if not done:
+            continue
+        summary[variant] = {key: round(sum(r[key] for r in done) / len(done), 3) for key in COLUMNS}
+        summary[variant].update(runs=len(done), failed=sum(r["variant"] == variant and "error" in r for r in rows),
+                                min_fidelity=min(r["subject_fidelity"] for r in done),
+                                runs_fidelity_ge_0_8=sum(r["subject_fidelity"] >= 0.8 for r in done))
+    metered = [r for r in rows if "chosen" in r]
+    if metered:
+        summary["meter_chosen"] = {key: round(sum(r["chosen"][key] for r in metered) / len(metered), 3)
+                                   for key in (*SCORES, "class_diversity_tv")}
+        summary["meter_verdict"] = meter_verdict(metered)
+    return summary
+
+
+def meter_verdict(rows: list[dict]) -> dict:
+    """The issue's test: the meter predicts when, in at least 5 of 6 runs (all but one), the chosen point's fidelity
+    is at least the final's with leak no higher. Also how often it chose another step than the last, and how often
+    the chosen point was strictly better (a meter that always picks the last step passes the test trivially)."""
+    holds = [r for r in rows if r["chosen"]["subject_fidelity"] >= r["subject_fidelity"]
+             and r["chosen"]["prior_leak"] <= r["prior_leak"]]
+    earlier = [r for r in rows if r["chosen_step"] != r["steps"]]
+    better = [r for r in earlier if r["chosen"]["subject_fidelity"] > r["subject_fidelity"]
+              and r["chosen"]["prior_leak"] <= r["prior_leak"]]
+    worse = [r for r in earlier if r["chosen"]["subject_fidelity"] < r["subject_fidelity"]]
+    need = max(len(rows) - 1, 1) if len(rows) < 6 else round(len(rows) * 5 / 6)
+    return {"runs": len(rows), "chosen_at_least_final": len(holds), "needed": need, "predicts": len(holds) >= need,
+            "chose_an_earlier_step": len(earlier), "earlier_and_better": len(better), "earlier_and_worse": len(worse)}
