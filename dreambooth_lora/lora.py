@@ -53,20 +53,17 @@ def collect_adapter_tensors(unet, text_encoder=None, identifier: IdentifierEmbed
 
 
 @contextmanager
-def adapters_disabled(unet, text_encoder, token_embedding: TokenEmbedding | None = None):
-    """Within the block the model is the frozen base: every LoRA layer off (PEFT's enable_adapters(False)) and the
-    identifier embedding's hook removed. The meter's prior drift compares against this."""
+def adapters_disabled(unet, text_encoder):
+    """Within the block the model is the frozen base: every adapter layer off (PEFT's enable_adapters(False)). The
+    meter's prior drift compares against this. An identifier needs no switching off: it touches no word but its
+    own (identifier.py), and the class prompt has none."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for module in (unet, text_encoder) for m in module.modules() if isinstance(m, BaseTunerLayer)]
     for layer in layers:
         layer.enable_adapters(False)
-    if token_embedding is not None:
-        token_embedding.detach()
     try:
         yield
     finally:
         for layer in layers:
             layer.enable_adapters(True)  # PEFT also sets requires_grad back on the active adapter's weights
-        if token_embedding is not None:
-            token_embedding.attach(text_encoder)

@@ -143,7 +143,7 @@ class Meter:
         and (once) frozen. `trainables.prompt_embeddings(n_instance, n_class)` gives the encoder states."""
         predict = lambda probe, states: probe_predictions(unet, probe, states, device, weight_dtype, autocast_dtype)
         if self.frozen_class is None:
-            with adapters_disabled(unet, text_encoder, trainables.token_embedding):
+            with adapters_disabled(unet, text_encoder):
                 self.frozen_class = predict(self.klass, trainables.prompt_embeddings(0, 1))
         states = trainables.prompt_embeddings(1, 1)
         instance = predict(self.instance, states[0:1])

@@ -82,13 +82,14 @@ def trained(tmp_path_factory, session_subject_images, session_prior_dir):
     """One adapter per type (UNet only, no identifier embedding: the images change through the type's layers alone),
     plus a LoRA with a trained text encoder."""
     root = tmp_path_factory.mktemp("types")
-    common = ["--images", *map(str, session_subject_images), "--token", "sks", "--class-noun", "dog",
+    common = ["--images", *map(str, session_subject_images), "--class-noun", "dog",
               "--base-model", "builtin:tiny-random", "--steps", "10", "--num-class-images", "2", "--lr", "0.02",
               "--rank", "4", "--no-train-token-embedding", "--data-root", str(root), "--prior-dir", str(session_prior_dir),
               "--quiet"]
+    # a frozen identifier is plain words that two adapters in one library cannot share: one word each
     for kind in TYPES:
-        assert main(["train", *common, "--adapter-type", kind, "--name", kind]) == 0
-    assert main(["train", *common, "--text-encoder", "lora", "--name", "te"]) == 0
+        assert main(["train", *common, "--token", f"sks{kind}", "--adapter-type", kind, "--name", kind]) == 0
+    assert main(["train", *common, "--token", "skste", "--text-encoder", "lora", "--name", "te"]) == 0
     return root
 
 

@@ -16,7 +16,8 @@ from dreambooth_lora.config import TrainConfig
 from dreambooth_lora.errors import UserError
 from dreambooth_lora.jobs import METER_CHECKPOINTS, Jobs, create_job
 from dreambooth_lora.library import Library
-from dreambooth_lora.lora import TokenEmbedding, adapters_disabled, attach_text_encoder_lora, attach_unet_lora
+from dreambooth_lora.identifier import IdentifierEmbedding
+from dreambooth_lora.lora import adapters_disabled, attach_text_encoder_lora, attach_unet_lora
 from dreambooth_lora.meter import MeterPoint, choose_step
 from dreambooth_lora.train import TrainingStopped, run_training
 
@@ -90,8 +91,8 @@ def test_meter_is_due_every_k_steps_and_at_the_last_never_at_zero():
 
 def test_with_adapters_disabled_the_model_is_the_base_and_afterwards_the_adapted_one(tiny_random_builder):
     model = tiny_random_builder()
-    ids = model.tokenizer(["a photo of sks dog"], padding="max_length", max_length=model.tokenizer.model_max_length,
-                          return_tensors="pt").input_ids
+    ids = model.tokenizer(["a photo of a dog"], padding="max_length", max_length=model.tokenizer.model_max_length,
+                          return_tensors="pt").input_ids  # the class prompt: the meter's frozen pass sees no identifier
     noisy, timesteps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 500])
 
     def outputs():
@@ -102,14 +103,14 @@ def test_with_adapters_disabled_the_model_is_the_base_and_afterwards_the_adapted
     base_text, base_unet = outputs()
     attach_unet_lora(model.unet, rank=4, alpha=4.0)
     attach_text_encoder_lora(model.text_encoder, rank=4, alpha=4.0)
-    embedding = TokenEmbedding.for_token(model.text_encoder, model.tokenizer, "sks").attach(model.text_encoder)
+    embedding = IdentifierEmbedding.new(model.text_encoder, model.tokenizer, "sks").attach(model.text_encoder)
     with torch.no_grad():
         for layer in (m for module in (model.unet, model.text_encoder) for m in module.modules() if isinstance(m, LoraLayer)):
             layer.lora_B["default"].weight.fill_(0.05)
         embedding.vectors.add_(1.0)
     adapted_text, adapted_unet = outputs()
     assert not torch.allclose(adapted_text, base_text) and not torch.allclose(adapted_unet, base_unet)
-    with adapters_disabled(model.unet, model.text_encoder, embedding):
+    with adapters_disabled(model.unet, model.text_encoder):
         off_text, off_unet = outputs()
     assert torch.equal(off_text, base_text) and torch.equal(off_unet, base_unet)
     again_text, again_unet = outputs()
@@ -121,17 +122,19 @@ def test_with_adapters_disabled_the_model_is_the_base_and_afterwards_the_adapted
 
 @pytest.fixture(scope="module")
 def metered(tmp_path_factory, session_subject_images, session_prior_dir):
-    """The same 6-step run without the meter and with it (every 2 steps, keep both)."""
-    library = Library(tmp_path_factory.mktemp("metered"))
-    plain = train(library, tiny_config("plain"), session_subject_images, session_prior_dir)
+    """The same 6-step run without the meter and with it (every 2 steps, keep both), each in a library of its own
+    (in one library the second subject would be called "sks2": another identifier, another run)."""
+    root = tmp_path_factory.mktemp("metered")
+    plain_library, library = Library(root / "plain"), Library(root / "both")
+    plain = train(plain_library, tiny_config("plain"), session_subject_images, session_prior_dir)
     progress = []
     both = train(library, tiny_config("both", meter_every=2, keep="both"), session_subject_images, session_prior_dir,
                  on_progress=progress.append)
-    return library, plain, both, progress
+    return library, plain, both, progress, plain_library
 
 
 def test_the_meter_measures_every_k_steps_and_at_the_end_without_changing_the_training(metered):
-    library, plain, both, progress = metered
+    library, plain, both, progress, plain_library = metered
     assert [p["step"] for p in both.meter] == [2, 4, 6]
     assert all(p["instance_loss"] > 0 and p["prior_drift"] >= 0 for p in both.meter)
     assert both.meter[-1]["prior_drift"] > 0  # the adapted class predictions have moved from the frozen model's
@@ -143,12 +146,13 @@ def test_the_meter_measures_every_k_steps_and_at_the_end_without_changing_the_tr
     record = job.to_dict()
     assert record["meter"] == both.meter and record["chosen_step"] == both.chosen_step
     assert not (job.folder / METER_CHECKPOINTS).exists()  # the per-point tensors go once the adapters are saved
-    assert Jobs(library).get(plain.job_id).to_dict()["meter"] == [] and Jobs(library).get(plain.job_id).to_dict()["chosen_step"] is None
+    assert Jobs(plain_library).get(plain.job_id).to_dict()["meter"] == []
+    assert Jobs(plain_library).get(plain.job_id).to_dict()["chosen_step"] is None
 
 
-def test_keep_both_adds_the_chosen_points_weights_equal_to_a_run_stopped_there(metered, session_subject_images,
+def test_keep_both_adds_the_chosen_points_weights_equal_to_a_run_stopped_there(tmp_path, metered, session_subject_images,
                                                                                 session_prior_dir):
-    library, _, both, _ = metered
+    library, _, both, _, _ = metered
     if both.chosen_step == 6:
         assert both.chosen_adapter is None and [e.name for e in library.list()].count("both-step6") == 0
         pytest.skip("the meter chose the final step here: keep both stores one adapter")
@@ -156,14 +160,16 @@ def test_keep_both_adds_the_chosen_points_weights_equal_to_a_run_stopped_there(m
     assert chosen.name == f"both-step{both.chosen_step}" and chosen.meta["weights_step"] == both.chosen_step
     assert both.adapter.meta["chosen_step"] == both.chosen_step and both.adapter.meta["weights_step"] == 6
     # a run is deterministic in its seed and has no lr schedule: the weights at step N are a run of N steps
-    short = train(library, tiny_config("short", steps=both.chosen_step), session_subject_images, session_prior_dir)
+    short = train(Library(tmp_path / "short"), tiny_config("short", steps=both.chosen_step), session_subject_images,
+                  session_prior_dir)
     assert same_tensors(adapter_tensors(chosen), adapter_tensors(short.adapter))
     assert len(chosen.samples) > 0
 
 
 def test_keep_best_stores_only_the_chosen_points_weights(tmp_path, metered, session_subject_images, session_prior_dir):
-    library, _, both, _ = metered
-    best = train(library, tiny_config("best", meter_every=2, keep="best"), session_subject_images, session_prior_dir)
+    _, _, both, _, _ = metered
+    best = train(Library(tmp_path / "best"), tiny_config("best", meter_every=2, keep="best"), session_subject_images,
+                 session_prior_dir)
     assert best.chosen_step == both.chosen_step and best.chosen_adapter is None
     expected = both.chosen_adapter or both.adapter  # the chosen point's weights, whichever adapter holds them
     assert same_tensors(adapter_tensors(best.adapter), adapter_tensors(expected))
@@ -172,7 +178,7 @@ def test_keep_best_stores_only_the_chosen_points_weights(tmp_path, metered, sess
 
 def test_a_resumed_metered_run_has_the_same_points_and_choice(tmp_path, metered, session_subject_images,
                                                               session_prior_dir):
-    _, _, both, _ = metered
+    _, _, both, _, _ = metered
     library = Library(tmp_path / "data")
     job = create_job(library, tiny_config("resumed", meter_every=2, keep="both", checkpoint_every=3),
                      session_subject_images)
@@ -195,9 +201,10 @@ def test_without_class_images_the_drift_is_read_on_the_photos(tmp_path, session_
 
 @pytest.mark.parametrize("option", [dict(snr_gamma=5.0), dict(noise_offset=0.1)], ids=["min-snr", "noise-offset"])
 def test_min_snr_and_noise_offset_change_the_training(tmp_path, session_subject_images, session_prior_dir, option):
-    library = Library(tmp_path / "data")
-    plain = train(library, tiny_config("plain", steps=3), session_subject_images, session_prior_dir)
-    changed = train(library, tiny_config("changed", steps=3, **option), session_subject_images, session_prior_dir)
+    # each run in a library of its own: in one, the second would be called "sks2" and differ for that reason alone
+    plain = train(Library(tmp_path / "plain"), tiny_config("plain", steps=3), session_subject_images, session_prior_dir)
+    changed = train(Library(tmp_path / "changed"), tiny_config("changed", steps=3, **option), session_subject_images,
+                    session_prior_dir)
     assert changed.losses != plain.losses
     assert not same_tensors(adapter_tensors(changed.adapter), adapter_tensors(plain.adapter))
     key, value = next(iter(option.items()))
@@ -206,9 +213,9 @@ def test_min_snr_and_noise_offset_change_the_training(tmp_path, session_subject_
 
 def test_min_snr_loss_is_the_weighted_mse_of_the_step(monkeypatch, tmp_path, session_subject_images, session_prior_dir):
     """With gamma above every SNR of the sampled steps the weights are 1: the loss is the plain one."""
-    library = Library(tmp_path / "data")
-    plain = train(library, tiny_config("plain", steps=2), session_subject_images, session_prior_dir)
-    huge = train(library, tiny_config("huge", steps=2, snr_gamma=1000.0), session_subject_images, session_prior_dir)
+    plain = train(Library(tmp_path / "plain"), tiny_config("plain", steps=2), session_subject_images, session_prior_dir)
+    huge = train(Library(tmp_path / "huge"), tiny_config("huge", steps=2, snr_gamma=1000.0), session_subject_images,
+                 session_prior_dir)
     # tiny-random's schedule: SNR at t=0 is about 1/0.00085 ~ 1176 > 1000, so gamma 1000 is nearly always >= SNR
     assert huge.losses == pytest.approx(plain.losses, rel=1e-5)
 
