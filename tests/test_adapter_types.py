@@ -289,3 +289,32 @@ def test_linear_mix_of_other_types_keeps_their_rank_and_says_it_is_approximate(t
     report = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert not report["exact"] and report["rank"] == 4 and report["types"] == ["loha", "lokr"]
     assert Library(trained).get("linear-loha-lokr").adapter_type == "lora"
+
+
+@pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])
+def test_a_stopped_run_of_each_type_resumes_to_the_uninterrupted_weights(tmp_path, session_subject_images,
+                                                                          session_prior_dir, kind):
+    """The checkpoint holds every type's tensors (DoRA's magnitudes, LoHa's and LoKr's factors) and its optimizer
+    state, so a run stopped after step 3 and resumed ends where an uninterrupted run ends."""
+    from dreambooth_lora.config import TrainConfig
+    from dreambooth_lora.jobs import create_job
+    from dreambooth_lora.train import TrainingStopped, run_training
+
+    config = TrainConfig(token="sks", class_noun="dog", base_model="builtin:tiny-random", name=kind, adapter_type=kind,
+                         rank=4, resolution=32, num_class_images=2, steps=6, lr=0.02, checkpoint_every=1)
+    whole_library = Library(tmp_path / "whole")  # one library each: in one, the second run would be called sks2
+    whole = run_training(whole_library, create_job(whole_library, config, session_subject_images), session_prior_dir)
+    library = Library(tmp_path / "stopped")
+    job = create_job(library, config, session_subject_images)
+    seen = []
+    with pytest.raises(TrainingStopped):
+        run_training(library, job, session_prior_dir, on_progress=seen.append,
+                     should_stop=lambda: sum(p.phase == "training" and not p.message for p in seen) >= 3)
+    progress = []
+    resumed = run_training(library, job, session_prior_dir, on_progress=progress.append)
+    training = [p for p in progress if p.phase == "training"]
+    assert training[0].message == "resumed at step 3"  # not a silent restart (which would end equal too)
+    left, right = read_adapter(whole.adapter.file), read_adapter(resumed.adapter.file)
+    assert left.adapter_type == right.adapter_type == kind
+    assert left.tensors.keys() == right.tensors.keys()
+    assert all(torch.equal(left.tensors[k], right.tensors[k]) for k in left.tensors), kind
