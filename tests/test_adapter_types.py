@@ -295,7 +295,7 @@ def test_linear_mix_of_other_types_keeps_their_rank_and_says_it_is_approximate(t
 def test_a_stopped_run_of_each_type_resumes_to_the_uninterrupted_weights(tmp_path, session_subject_images,
                                                                           session_prior_dir, kind):
     """The checkpoint holds every type's tensors (DoRA's magnitudes, LoHa's and LoKr's factors) and its optimizer
-    state, so a run stopped after step 3 and resumed ends where an uninterrupted run ends."""
+    state, so a run stopped part-way and resumed ends where an uninterrupted run ends."""
     from dreambooth_lora.config import TrainConfig
     from dreambooth_lora.jobs import create_job
     from dreambooth_lora.train import TrainingStopped, run_training
@@ -307,13 +307,14 @@ def test_a_stopped_run_of_each_type_resumes_to_the_uninterrupted_weights(tmp_pat
     library = Library(tmp_path / "stopped")
     job = create_job(library, config, session_subject_images)
     seen = []
-    with pytest.raises(TrainingStopped):
+    with pytest.raises(TrainingStopped) as stopped:
         run_training(library, job, session_prior_dir, on_progress=seen.append,
                      should_stop=lambda: sum(p.phase == "training" and not p.message for p in seen) >= 3)
+    assert 0 < stopped.value.step < config.steps
     progress = []
     resumed = run_training(library, job, session_prior_dir, on_progress=progress.append)
     training = [p for p in progress if p.phase == "training"]
-    assert training[0].message == "resumed at step 3"  # not a silent restart (which would end equal too)
+    assert training[0].message == f"resumed at step {stopped.value.step}"  # not a silent restart (it would end equal too)
     left, right = read_adapter(whole.adapter.file), read_adapter(resumed.adapter.file)
     assert left.adapter_type == right.adapter_type == kind
     assert left.tensors.keys() == right.tensors.keys()
