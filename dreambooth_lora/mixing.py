@@ -95,7 +95,8 @@ def mix_adapters(library: Library, specs: list[tuple[str, float]], new_name: str
         "text_encoder": "lora" if any(k.startswith("text_encoder.") for k in layers) else "none",
         "train_token_embedding": any(a.embeddings for a in adapters),
         "mix": {"method": method, "rank": rank if method == "svd" else None,
-                "parts": [{"name": e.name, "id": e.id, "weight": w} for e, w in parts]},
+                "parts": [{"name": e.name, "id": e.id, "weight": w, "token": e.token, "class_noun": e.class_noun}
+                          for e, w in parts]},
     }
     embeddings = _mixed_embeddings(entries[0].base_model, parts, adapters)
     entry = store_adapter(library, AdapterFile(layers, embeddings, meta), samples)
