@@ -10,6 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 from PIL import Image
 
 from dreambooth_lora.errors import UserError
@@ -90,14 +91,15 @@ def run_generation(library: Library, cache: ModelCache, settings: GenerateSettin
     return GenerationResult(generation, captioned, message)
 
 
-def history_rows(generations: list[Generation]) -> list[list]:
-    """The history table: when, prompt, adapters and weights, seed, steps, guidance, size, images, time taken."""
-    return [[time.strftime("%H:%M:%S", time.localtime(g.created)), g.settings.prompt, mix_text(g.settings.adapters),
+HISTORY_COLUMNS = ["time", "prompt", "adapters", "seed", "steps", "guidance", "size", "images", "base model", "id"]
+
+
+def history_frame(generations: list[Generation]) -> pd.DataFrame:
+    """The history table: when, prompt, adapters and weights, seed, steps, guidance, size, images, base model, id."""
+    rows = [[time.strftime("%H:%M:%S", time.localtime(g.created)), g.settings.prompt, mix_text(g.settings.adapters),
              g.settings.seed, g.settings.steps, g.settings.guidance, g.settings.size or "native", g.settings.num_images,
              g.base_model, g.id] for g in generations]
-
-
-HISTORY_COLUMNS = ["time", "prompt", "adapters", "seed", "steps", "guidance", "size", "images", "base model", "id"]
+    return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
 
 
 def history_text(generation: Generation) -> str:

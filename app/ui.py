@@ -128,7 +128,8 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
             monitor = gr.Markdown("", elem_id="job-monitor")
             loss_plot = gr.LinePlot(x="step", y="loss", color="curve", color_title="", title="Training loss", height=220,
                                     label="Loss", elem_id="loss-plot")
-            samples = gr.Gallery(label="Samples while training", columns=4, height=150, interactive=False, fit_columns=False)
+            samples = gr.Gallery(label="Samples while training", columns=4, height=150, interactive=False, fit_columns=False,
+                                 elem_id="train-samples")
             with gr.Row():
                 cancel = gr.Button("Cancel", variant="stop", visible=False, elem_id="cancel-job")
                 resume = gr.Button("Resume", visible=False, elem_id="resume-job")
@@ -136,7 +137,7 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
                 delete_job = gr.Button("Delete job", visible=False, elem_id="delete-job")
                 export_settings = gr.Button("Export settings", visible=False, elem_id="export-settings")
             job_message = gr.Markdown(elem_id="job-message")
-            settings_file_out = gr.File(label="Settings file", visible=False, interactive=False, elem_id="settings-download")
+            settings_file_out = gr.File(label="Download settings (.json)", visible=False, interactive=False, elem_id="settings-download")
             with gr.Accordion("Log", open=False, elem_id="job-log-box"):
                 job_log = gr.Textbox(show_label=False, lines=10, max_lines=10, interactive=False, autoscroll=True,
                                      elem_id="job-log")
@@ -342,8 +343,9 @@ def library_tab(library: Library, timer: gr.Timer):
 
     rename.click(do_rename, [chosen, new_name], listing_outputs | {action_message, new_name})
 
-    delete.click(lambda name: (gr.update(visible=bool(name)), f"Delete **{name}** and its samples? This cannot be undone."),
-                 chosen, [confirm_box, confirm_text])
+    delete.click(lambda name: {confirm_box: gr.update(visible=bool(name)),
+                               confirm_text: f"Delete **{name}** and its samples? This cannot be undone."},
+                 chosen, {confirm_box, confirm_text})
     keep.click(lambda: gr.update(visible=False), None, confirm_box)
 
     @shows_errors(action_message)
@@ -468,12 +470,13 @@ def generate_tab(demo: gr.Blocks, library: Library, cache: ModelCache, timer: gr
         updates = [gr.update(visible=i < len(chosen), label=f"{chosen[i]} weight" if i < len(chosen) else f"weight {i + 1}")
                    for i in range(MAX_MIX)]
         hint = views.prompt_hints([library.get(n) for n in chosen if library.name_taken(n)])
-        return ["\n\n".join(line for line in (hint, views.mix_note(chosen, MAX_MIX)) if line), *updates]
+        return {hints: "\n\n".join(line for line in (hint, views.mix_note(chosen, MAX_MIX)) if line),
+                **dict(zip(sliders, updates))}
 
-    picker.change(chosen_changed, picker, [hints, *sliders])
+    picker.change(chosen_changed, picker, {hints, *sliders})
 
     def history_frame():
-        return gen.history_rows(recent_generations(library.root))
+        return gen.history_frame(recent_generations(library.root))
 
     demo.load(history_frame, None, history, show_progress="hidden")
 

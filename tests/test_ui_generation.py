@@ -50,8 +50,8 @@ def test_a_generation_is_kept_with_its_settings_and_zipped(library):
         assert sorted(archive.namelist()) == ["generation.json", "image-0000.png", "image-0001.png"]
         assert json.loads(archive.read("generation.json"))["settings"]["negative_prompt"] == "blurry"
     # its row in the history table, and its settings back in the form to repeat it
-    row = gen.history_rows([kept])[0]
-    assert row[1:4] == ["a photo of a box", "no adapters", 3] and row[-1] == kept.id
+    row = gen.history_frame([kept]).iloc[0]
+    assert (row["prompt"], row["adapters"], row["seed"], row["id"]) == ("a photo of a box", "no adapters", 3, kept.id)
     form = gen.form_of(kept)
     again = gen.generate_settings(form["prompt"], form["negative"], form["seed"], form["steps"], form["guidance"],
                                   form["size"], form["count"], form["chosen"], form["weights"])
