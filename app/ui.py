@@ -120,13 +120,13 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="start-training")
             start_message = gr.Markdown(elem_id="start-message")
-        with gr.Column(scale=2):
+        with gr.Column(scale=2, elem_id="job-panel"):
             # allow_custom_value: a tick in flight may carry a job just deleted (see the Library's adapter dropdown)
             job_choice = gr.Dropdown(label="Job", choices=[], value=None, allow_custom_value=True, elem_id="job-choice")
             # empty until the first refresh: "no jobs" shown before the jobs are read would be wrong after a reload
             job_status = gr.Markdown("", elem_id="job-status")
             monitor = gr.Markdown("", elem_id="job-monitor")
-            loss_plot = gr.LinePlot(x="step", y="loss", color="curve", color_title="", title="Training loss", height=220,
+            loss_plot = gr.LinePlot(x="step", y="loss", color="curve", title="Training loss", height=220,
                                     label="Loss", elem_id="loss-plot")
             samples = gr.Gallery(label="Samples while training", columns=4, height=150, interactive=False, fit_columns=False,
                                  elem_id="train-samples")
@@ -213,7 +213,7 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
         return {
             job_status: views.job_text(jobs, job), monitor: views.monitor_text(job, jobs.phases(job.id)),
             loss_plot: views.loss_frame(job.losses), job_log: jobs.read_log(job.id), export_settings: gr.update(visible=True),
-            samples: [(str(p), f"step {int(p.stem.split('-')[1])}") for p in sample_files],
+            samples: [(str(p), views.sample_caption(p.stem, job.config.get("sample_prompts") or ())) for p in sample_files],
             cancel: gr.update(visible=job.status in (JobStatus.QUEUED, JobStatus.RUNNING)),
             resume: gr.update(visible=job.resumable),
             again: gr.update(visible=job.status in FINISHED), delete_job: gr.update(visible=job.status in FINISHED),
@@ -276,7 +276,7 @@ def library_tab(library: Library, timer: gr.Timer):
             chosen = gr.Dropdown(label="Adapter", choices=[], value=None, allow_custom_value=True, elem_id="library-choice")
             details = gr.Markdown(elem_id="library-details")
             adapter_samples = gr.Gallery(label="Samples", columns=4, height=140, interactive=False, elem_id="library-samples")
-            photos = gr.Gallery(label="Training photos", columns=6, height=110, interactive=False, allow_preview=False,
+            photos = gr.Gallery(label="Training photos", columns=4, height=140, interactive=False, allow_preview=False,
                                 visible=False, elem_id="library-photos")
         with gr.Column(scale=2):
             with gr.Row():

@@ -188,6 +188,16 @@ def loss_frame(losses: list[float]) -> pd.DataFrame | None:
                          "curve": ["loss"] * len(losses) + ["smoothed"] * len(losses)})
 
 
+def sample_caption(stem: str, prompts) -> str:
+    """A training sample's caption from its file name (step-00050, step-00050-1: the second sample prompt's)."""
+    _, step, *index = stem.split("-")
+    text = f"step {int(step)}"
+    if len(prompts) > 1:  # with one prompt the step says it all
+        prompt = prompts[int(index[0]) if index else 0]
+        text += f" · {prompt if len(prompt) <= 28 else prompt[:27] + '…'}"
+    return text
+
+
 def duration_text(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f} s"

@@ -195,3 +195,10 @@ def test_smoothed_loss_by_hand():
     frame = views.loss_frame([2.0, 4.0])
     assert list(frame["curve"]) == ["loss", "loss", "smoothed", "smoothed"] and list(frame["step"]) == [1, 2, 1, 2]
     assert views.loss_frame([]) is None
+
+
+def test_training_samples_say_their_step_and_which_prompt():
+    assert views.sample_caption("step-00050", ()) == "step 50"
+    prompts = ["a photo of sks box", "a photo of sks box on a red background"]
+    assert views.sample_caption("step-00002", prompts) == "step 2 · a photo of sks box"
+    assert views.sample_caption("step-00002-1", prompts) == "step 2 · a photo of sks box on a red…"
