@@ -6,6 +6,7 @@ Training runs in the worker process (dreambooth_lora.worker); this process only 
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 
@@ -34,13 +35,14 @@ def shows_errors(message: gr.components.Component):
     studio's fields: no traceback, no toast that piles up, no error badge left on other components."""
 
     def decorate(handler):
+        # wraps: Gradio reads the handler's signature, e.g. an `evt: gr.SelectData` argument it must fill in
+        @functools.wraps(handler)
         def wrapped(*args, **kwargs):
             try:
                 return handler(*args, **kwargs)
             except UserError as error:
                 return {message: views.error_markdown(error)}
 
-        wrapped.__name__ = handler.__name__
         return wrapped
 
     return decorate
@@ -126,7 +128,7 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
             # empty until the first refresh: "no jobs" shown before the jobs are read would be wrong after a reload
             job_status = gr.Markdown("", elem_id="job-status")
             monitor = gr.Markdown("", elem_id="job-monitor")
-            loss_plot = gr.LinePlot(x="step", y="loss", color="curve", title="Training loss", height=220,
+            loss_plot = gr.LinePlot(x="step", y="loss", color="curve", title="Training loss", height=260,
                                     label="Loss", elem_id="loss-plot")
             samples = gr.Gallery(label="Samples while training", columns=4, height=150, interactive=False, fit_columns=False,
                                  elem_id="train-samples")

@@ -189,12 +189,12 @@ def loss_frame(losses: list[float]) -> pd.DataFrame | None:
 
 
 def sample_caption(stem: str, prompts) -> str:
-    """A training sample's caption from its file name (step-00050, step-00050-1: the second sample prompt's)."""
+    """A training sample's caption from its file name (step-00050, step-00050-1: the second sample prompt's); short,
+    as thumbnails cut captions off: with several prompts, their numbers, which job_text lists."""
     _, step, *index = stem.split("-")
     text = f"step {int(step)}"
     if len(prompts) > 1:  # with one prompt the step says it all
-        prompt = prompts[int(index[0]) if index else 0]
-        text += f" · {prompt if len(prompt) <= 28 else prompt[:27] + '…'}"
+        text += f" · #{int(index[0]) + 1 if index else 1}"
     return text
 
 
@@ -251,6 +251,9 @@ def job_text(jobs: Jobs, job: Job | None) -> str:
         lines.append(f"{job.message}: find it in the Library tab.")
     if job.losses:
         lines.append(f"last loss {job.losses[-1]:.4f}")
+    prompts = job.config.get("sample_prompts") or []
+    if len(prompts) > 1:  # the samples' captions number them
+        lines.append("Sample prompts: " + " · ".join(f"#{i} *{p}*" for i, p in enumerate(prompts, start=1)))
     return "\n\n".join(line for line in lines if line)
 
 

@@ -4,6 +4,7 @@ library text (app/views.py)."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -200,5 +201,7 @@ def test_smoothed_loss_by_hand():
 def test_training_samples_say_their_step_and_which_prompt():
     assert views.sample_caption("step-00050", ()) == "step 50"
     prompts = ["a photo of sks box", "a photo of sks box on a red background"]
-    assert views.sample_caption("step-00002", prompts) == "step 2 · a photo of sks box"
-    assert views.sample_caption("step-00002-1", prompts) == "step 2 · a photo of sks box on a red…"
+    assert views.sample_caption("step-00002", prompts) == "step 2 · #1"
+    assert views.sample_caption("step-00002-1", prompts) == "step 2 · #2"
+    job = replace(_job(JobStatus.DONE), config={"sample_prompts": prompts})
+    assert "Sample prompts: #1 *a photo of sks box* · #2 *a photo of sks box on a red background*" in views.job_text(None, job)
