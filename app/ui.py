@@ -28,6 +28,7 @@ from dreambooth_lora.sweep import DEFAULT_WEIGHTS
 from dreambooth_lora.tinyworld import SUBJECTS, subject_image_paths
 
 REFRESH_SECONDS = 1.5
+GALLERY_COLUMNS = 6  # thumbnails per row in the Library's gallery
 
 
 def shows_errors(message: gr.components.Component):
@@ -128,7 +129,8 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
             # empty until the first refresh: "no jobs" shown before the jobs are read would be wrong after a reload
             job_status = gr.Markdown("", elem_id="job-status")
             monitor = gr.Markdown("", elem_id="job-monitor")
-            loss_plot = gr.LinePlot(x="step", y="loss", color="curve", title="Training loss", height=260,
+            loss_plot = gr.LinePlot(x="step", y="loss", color="curve", title="Training loss (blue: per step, orange: smoothed)",
+                                    color_map={"loss": "#4c78a8", "smoothed": "#f58518"}, height=260,
                                     label="Loss", elem_id="loss-plot")
             samples = gr.Gallery(label="Samples while training", columns=4, height=150, interactive=False, fit_columns=False,
                                  elem_id="train-samples")
@@ -211,7 +213,8 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
                     resume: gr.update(visible=False), again: gr.update(visible=False), delete_job: gr.update(visible=False),
                     export_settings: gr.update(visible=False), job_log: ""}
         jobs = Jobs(library)
-        sample_files = sorted((job.folder / "samples").glob("step-*.png"))
+        # by stem: step-00002 before step-00002-1 (by name, "-" sorts before ".", putting the second prompt's first)
+        sample_files = sorted((job.folder / "samples").glob("step-*.png"), key=lambda p: p.stem)
         return {
             job_status: views.job_text(jobs, job), monitor: views.monitor_text(job, jobs.phases(job.id)),
             loss_plot: views.loss_frame(job.losses), job_log: jobs.read_log(job.id), export_settings: gr.update(visible=True),
@@ -266,9 +269,10 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
 # ----------------------------------------------------------------------------- Library
 def library_tab(library: Library, timer: gr.Timer):
     """Returns the listing's signature state: other tabs clear it to redraw the library after adding adapters."""
-    # height "auto": a fixed height cut off the second row of thumbnails from 9 adapters on
-    gallery = gr.Gallery(label="Adapters", columns=6, height="auto", allow_preview=False, interactive=False,
-                         fit_columns=False, elem_id="library-gallery")
+    # its height follows the number of rows (views.gallery_height): a fixed height cut off the second row from 9
+    # adapters on, and "auto" left a tall empty box under one row
+    gallery = gr.Gallery(label="Adapters", columns=GALLERY_COLUMNS, height=views.gallery_height(0, GALLERY_COLUMNS),
+                         allow_preview=False, interactive=False, fit_columns=False, elem_id="library-gallery")
     table = gr.Dataframe(headers=views.LIBRARY_COLUMNS,
                          interactive=False, label="Adapters", elem_id="library-table")
     with gr.Row():
@@ -277,8 +281,8 @@ def library_tab(library: Library, timer: gr.Timer):
             # the choices is otherwise refused by Gradio with a traceback; the handlers treat unknown names themselves
             chosen = gr.Dropdown(label="Adapter", choices=[], value=None, allow_custom_value=True, elem_id="library-choice")
             details = gr.Markdown(elem_id="library-details")
-            adapter_samples = gr.Gallery(label="Samples", columns=4, height=140, interactive=False, elem_id="library-samples")
-            photos = gr.Gallery(label="Training photos", columns=4, height=140, interactive=False, allow_preview=False,
+            adapter_samples = gr.Gallery(label="Samples", columns=4, height=190, interactive=False, elem_id="library-samples")
+            photos = gr.Gallery(label="Training photos", columns=4, height=190, interactive=False, allow_preview=False,
                                 visible=False, elem_id="library-photos")
         with gr.Column(scale=2):
             with gr.Row():
@@ -321,7 +325,8 @@ def library_tab(library: Library, timer: gr.Timer):
         if signature == last_seen:
             return dict.fromkeys(listing_outputs, gr.skip())  # Gradio wants a value for every output
         thumbs = [(str(e.samples[0]) if e.samples else _placeholder(), e.name) for e in entries]
-        return {gallery: thumbs, table: views.library_frame(entries),
+        return {gallery: gr.update(value=thumbs, height=views.gallery_height(len(entries), GALLERY_COLUMNS)),
+                table: views.library_frame(entries),
                 chosen: gr.update(choices=[e.name for e in entries], value=views.chosen_name(entries, selected)),
                 seen: signature}
 

@@ -276,6 +276,12 @@ def library_frame(entries: list[AdapterEntry]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=LIBRARY_COLUMNS)
 
 
+def gallery_height(count: int, columns: int, row_px: int = 200, chrome_px: int = 60) -> int:
+    """Pixels for a gallery of `count` square thumbnails: every row shown (a tile is at most ~200 px wide in the
+    studio's layout), no tall empty box under a single row."""
+    return chrome_px + row_px * max(1, -(-count // columns))
+
+
 def chosen_name(entries: list[AdapterEntry], selected: str | None) -> str | None:
     """The adapter the Library tab shows: the one selected if it still exists, else the newest."""
     names = [e.name for e in entries]

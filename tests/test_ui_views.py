@@ -205,3 +205,8 @@ def test_training_samples_say_their_step_and_which_prompt():
     assert views.sample_caption("step-00002-1", prompts) == "step 2 · #2"
     job = replace(_job(JobStatus.DONE), config={"sample_prompts": prompts})
     assert "Sample prompts: #1 *a photo of sks box* · #2 *a photo of sks box on a red background*" in views.job_text(None, job)
+
+
+def test_the_library_gallery_grows_a_row_at_a_time():
+    assert views.gallery_height(0, 6) == views.gallery_height(6, 6) == 260
+    assert views.gallery_height(9, 6) == 460  # the second row from the seventh adapter on is shown, not cut off
