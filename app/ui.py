@@ -283,6 +283,7 @@ def library_tab(library: Library, timer: gr.Timer):
             details = gr.Markdown(elem_id="library-details")
             adapter_samples = gr.Gallery(label="Samples", columns=4, height=190, interactive=False, elem_id="library-samples")
             photos = gr.Gallery(label="Training photos", columns=4, height=190, interactive=False, allow_preview=False,
+                                fit_columns=False,
                                 visible=False, elem_id="library-photos")
         with gr.Column(scale=2):
             with gr.Row():
