@@ -6,47 +6,29 @@ Training runs in the worker process (dreambooth_lora.worker); this process only 
 
 from __future__ import annotations
 
+import functools
 import tempfile
-import threading
-import time
-from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
 from PIL import Image
 
-from app import views
+from app import generation as gen
+from app import settings_file, views
+from app.generation import MAX_MIX, ModelCache
 from app.views import PRESETS
+from dreambooth_lora.adapter_file import free_name
 from dreambooth_lora.config import ADAPTER_TYPES, TEXT_ENCODER_MODES
 from dreambooth_lora.errors import UserError
-from dreambooth_lora.generate import AdapterSession, GenerateSettings, base_model_for, format_weight, resolve_adapters
-from dreambooth_lora.images import photo_problem
-from dreambooth_lora.sweep import DEFAULT_WEIGHTS, run_sweep
-from dreambooth_lora.library import Library
-from dreambooth_lora.models import builtin_names, default_base_model, load_base_model, native_resolution
-from dreambooth_lora.tinyworld import SUBJECTS, subject_image_paths
+from dreambooth_lora.history import get_generation, recent_generations, zip_generation
 from dreambooth_lora.jobs import FINISHED, Jobs, JobStatus
+from dreambooth_lora.library import Library
+from dreambooth_lora.models import builtin_names, default_base_model
+from dreambooth_lora.sweep import DEFAULT_WEIGHTS
+from dreambooth_lora.tinyworld import SUBJECTS, subject_image_paths
 
-MAX_MIX = 4  # sliders in the Generate tab's fixed pool
 REFRESH_SECONDS = 1.5
-
-
-class ModelCache:
-    """Loaded base models with their AdapterSession, keyed by base-model name (the last `size` kept)."""
-
-    def __init__(self, size: int = 1):
-        self.size = size
-        self.sessions: OrderedDict[str, AdapterSession] = OrderedDict()
-        self.lock = threading.Lock()  # one generation at a time per process: a session is stateful
-
-    def session(self, base_model: str) -> AdapterSession:
-        if base_model in self.sessions:
-            self.sessions.move_to_end(base_model)
-        else:
-            self.sessions[base_model] = AdapterSession(load_base_model(base_model))
-            while len(self.sessions) > self.size:
-                self.sessions.popitem(last=False)
-        return self.sessions[base_model]
+GALLERY_COLUMNS = 6  # thumbnails per row in the Library's gallery
 
 
 def shows_errors(message: gr.components.Component):
@@ -54,13 +36,14 @@ def shows_errors(message: gr.components.Component):
     studio's fields: no traceback, no toast that piles up, no error badge left on other components."""
 
     def decorate(handler):
+        # wraps: Gradio reads the handler's signature, e.g. an `evt: gr.SelectData` argument it must fill in
+        @functools.wraps(handler)
         def wrapped(*args, **kwargs):
             try:
                 return handler(*args, **kwargs)
             except UserError as error:
                 return {message: views.error_markdown(error)}
 
-        wrapped.__name__ = handler.__name__
         return wrapped
 
     return decorate
@@ -77,7 +60,7 @@ def build_ui(library: Library, prior_dir: Path | None = None) -> gr.Blocks:
             with gr.Tab("Library", id="library"):
                 library_refresh = library_tab(library, timer)
             with gr.Tab("Generate", id="generate"):
-                generate_tab(library, cache, timer, library_refresh)
+                generate_tab(demo, library, cache, timer, library_refresh)
     return demo
 
 
@@ -128,32 +111,50 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
                     checkpoint_every = gr.Number(label="Checkpoint every (steps)", value=100, precision=0,
                                                  info="and every 2 minutes; 0: by time only")
                 with gr.Row():
+                    sample_every = gr.Number(label="Sample every (steps)", value=0, precision=0, scale=1,
+                                             info="0: four times per run", elem_id="adv-sample-every")
+                    sample_prompts = gr.Textbox(label="Sample prompts", lines=2, scale=3, elem_id="adv-sample-prompts",
+                                                placeholder="one per line, up to 4 (empty: a photo of <token> <class>)",
+                                                info="drawn while training and saved with the adapter")
+                with gr.Row():
                     adapter_type = gr.Radio(list(ADAPTER_TYPES), value="lora", label="Adapter type", elem_id="adv-adapter-type",
                                             info=views.ADAPTER_TYPE_INFO)
+            with gr.Accordion("Settings file", open=False, elem_id="settings-box"):
+                settings_upload = gr.File(label="Import settings (.settings.json from Export settings): fills the form",
+                                          file_types=[".json"], type="filepath", elem_id="settings-import")
+                settings_message = gr.Markdown(elem_id="settings-message")
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="start-training")
             start_message = gr.Markdown(elem_id="start-message")
-        with gr.Column(scale=2):
+        with gr.Column(scale=2, elem_id="job-panel"):
             # allow_custom_value: a tick in flight may carry a job just deleted (see the Library's adapter dropdown)
             job_choice = gr.Dropdown(label="Job", choices=[], value=None, allow_custom_value=True, elem_id="job-choice")
             # empty until the first refresh: "no jobs" shown before the jobs are read would be wrong after a reload
             job_status = gr.Markdown("", elem_id="job-status")
-            loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Training loss", height=220, label="Loss",
-                                    elem_id="loss-plot")
-            samples = gr.Gallery(label="Samples while training", columns=4, height=150, interactive=False, fit_columns=False)
+            monitor = gr.Markdown("", elem_id="job-monitor")
+            loss_plot = gr.LinePlot(x="step", y="loss", color="curve", title="Training loss (blue: per step, orange: smoothed)",
+                                    color_map={"loss": "#4c78a8", "smoothed": "#f58518"}, height=260,
+                                    label="Loss", elem_id="loss-plot")
+            samples = gr.Gallery(label="Samples while training", columns=4, height=150, interactive=False, fit_columns=False,
+                                 elem_id="train-samples")
             with gr.Row():
                 cancel = gr.Button("Cancel", variant="stop", visible=False, elem_id="cancel-job")
                 resume = gr.Button("Resume", visible=False, elem_id="resume-job")
                 again = gr.Button("Train again", visible=False, elem_id="train-again")
                 delete_job = gr.Button("Delete job", visible=False, elem_id="delete-job")
+                export_settings = gr.Button("Export settings", visible=False, elem_id="export-settings")
             job_message = gr.Markdown(elem_id="job-message")
+            settings_file_out = gr.File(label="Download settings (.json)", visible=False, interactive=False, elem_id="settings-download")
+            with gr.Accordion("Log", open=False, elem_id="job-log-box"):
+                job_log = gr.Textbox(show_label=False, lines=10, max_lines=10, interactive=False, autoscroll=True,
+                                     elem_id="job-log")
     jobs_table = gr.Dataframe(headers=views.JOB_COLUMNS, label="Jobs", interactive=False, elem_id="jobs-table")
     seen = gr.State(None)
 
     # the photo rules depend on the training resolution, so the notes follow the model and resolution fields too
     for source in (uploads, base_model, resolution):
-        source.change(check_uploads, [uploads, base_model, resolution], [previews, upload_notes])
-    preset.change(lambda p: PRESETS[p]["rank"], preset, rank)
+        source.change(views.check_uploads, [uploads, base_model, resolution], [previews, upload_notes])
+    preset.input(lambda p: PRESETS[p]["rank"], preset, rank)  # a person's pick; an imported rank stays
 
     def example_picked(evt: gr.SelectData):
         subject = subjects[evt.index]
@@ -162,14 +163,17 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
 
     examples.select(example_picked, None, {uploads, token, class_noun, name})
 
-    form = [token, class_noun, name, base_model, preset, steps, rank, alpha, prior_weight, num_class_images, lr,
-            resolution, text_encoder, loraplus, seed, token_embedding, checkpoint_every, adapter_type]
+    fields = dict(token=token, class_noun=class_noun, name=name, base_model=base_model, preset=preset, steps=steps,
+                  rank=rank, alpha=alpha, prior_weight=prior_weight, num_class_images=num_class_images, lr=lr,
+                  resolution=resolution, text_encoder=text_encoder, loraplus=loraplus, seed=seed,
+                  token_embedding=token_embedding, checkpoint_every=checkpoint_every, sample_every=sample_every,
+                  sample_prompts=sample_prompts, adapter_type=adapter_type)
+    form = [fields[key] for key in views.FORM_FIELDS]
 
     @shows_errors(start_message)
     def start_clicked(files, *form_values):
         checked = views.train_config(len(files or []), *form_values)  # validated once here for the photos' resolution
-        px = checked.resolution or native_resolution(checked.base_model)
-        accepted = [f for f in files or [] if _image_problem(f, px) is None]
+        accepted, _ = views.check_uploads(files, checked.base_model, checked.resolution)
         jobs = Jobs(library)
         job_id = jobs.create(views.train_config(len(accepted), *form_values), accepted)
         message = f"Queued **{jobs.get(job_id).name}** as job `{job_id}`; jobs run one at a time in the background."
@@ -177,7 +181,21 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
 
     start.click(start_clicked, [uploads, *form], {start_message, job_choice})
 
-    job_outputs = {jobs_table, job_choice, job_status, loss_plot, samples, cancel, resume, again, delete_job, seen}
+    @shows_errors(settings_message)
+    def settings_imported(path):
+        if not path:
+            return {settings_message: ""}
+        config = settings_file.read_settings(Path(path))
+        values, notes = views.form_values(config)
+        if values["name"]:  # the job it came from has most likely saved an adapter under this name
+            values["name"] = free_name(library, values["name"])
+        lines = [f"Settings of **{config.name or config.token}** are in the form: add photos and press Start.", *notes]
+        return {**{fields[key]: value for key, value in values.items()}, settings_message: "\n\n".join(lines)}
+
+    settings_upload.upload(settings_imported, settings_upload, set(form) | {settings_message})
+
+    job_outputs = {jobs_table, job_choice, job_status, monitor, loss_plot, samples, cancel, resume, again, delete_job,
+                   export_settings, job_log, seen}
 
     def refresh(selected, last_seen):
         jobs = Jobs(library)
@@ -194,12 +212,16 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
     def job_view(job) -> dict:
         """Status text, loss plot, samples and which buttons apply, for one job (None: there are none)."""
         if job is None:
-            return {job_status: views.NO_JOBS, loss_plot: None, samples: [], cancel: gr.update(visible=False),
-                    resume: gr.update(visible=False), again: gr.update(visible=False), delete_job: gr.update(visible=False)}
-        sample_files = sorted((job.folder / "samples").glob("step-*.png"))
+            return {job_status: views.NO_JOBS, monitor: "", loss_plot: None, samples: [], cancel: gr.update(visible=False),
+                    resume: gr.update(visible=False), again: gr.update(visible=False), delete_job: gr.update(visible=False),
+                    export_settings: gr.update(visible=False), job_log: ""}
+        jobs = Jobs(library)
+        # by stem: step-00002 before step-00002-1 (by name, "-" sorts before ".", putting the second prompt's first)
+        sample_files = sorted((job.folder / "samples").glob("step-*.png"), key=lambda p: p.stem)
         return {
-            job_status: views.job_text(Jobs(library), job), loss_plot: views.loss_frame(job.losses),
-            samples: [(str(p), f"step {int(p.stem.split('-')[1])}") for p in sample_files],
+            job_status: views.job_text(jobs, job), monitor: views.monitor_text(job, jobs.phases(job.id)),
+            loss_plot: views.loss_frame(job.losses), job_log: jobs.read_log(job.id), export_settings: gr.update(visible=True),
+            samples: [(str(p), views.sample_caption(p.stem, job.config.get("sample_prompts") or ())) for p in sample_files],
             cancel: gr.update(visible=job.status in (JobStatus.QUEUED, JobStatus.RUNNING)),
             resume: gr.update(visible=job.resumable),
             again: gr.update(visible=job.status in FINISHED), delete_job: gr.update(visible=job.status in FINISHED),
@@ -208,8 +230,8 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
     timer.tick(refresh, [job_choice, seen], job_outputs, show_progress="hidden")
     demo.load(lambda s: refresh(s, None), [job_choice], job_outputs, show_progress="hidden")
     # .input: a person's pick (a refresh that moves the selection must not wipe the message of a Delete)
-    job_choice.input(lambda s: {**refresh(s, None), job_message: ""}, [job_choice], job_outputs | {job_message},
-                     show_progress="hidden")
+    job_choice.input(lambda s: {**refresh(s, None), job_message: "", settings_file_out: gr.update(visible=False, value=None)},
+                     [job_choice], job_outputs | {job_message, settings_file_out}, show_progress="hidden")
 
     @shows_errors(job_message)
     def cancel_clicked(job_id):
@@ -232,39 +254,29 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
         return {job_message: f"Queued **{jobs.get(new_id).name}** as job `{new_id}` with the same settings and photos.",
                 seen: None}
 
+    @shows_errors(job_message)
+    def export_settings_clicked(job_id):
+        job = Jobs(library).get(job_id or "")
+        path = settings_file.export_settings(job, Path(tempfile.mkdtemp(prefix="dbl-settings-")))
+        return {settings_file_out: gr.update(value=str(path), visible=True),
+                job_message: f"Settings of **{job.name}** as a file: Import settings (under the form) fills the form "
+                             "with them."}
+
+    export_settings.click(export_settings_clicked, job_choice, {settings_file_out, job_message})
     cancel.click(cancel_clicked, job_choice, {job_message, seen})
     again.click(again_clicked, job_choice, {job_message, seen})
     resume.click(resume_clicked, job_choice, {job_message, seen})
     delete_job.click(delete_clicked, job_choice, {job_message, seen})
 
 
-def check_uploads(files, base_model=None, resolution=None):
-    """Previews of the usable photos and one line per rejected file (unreadable, or too small or long for training)."""
-    files = files or []
-    px = views.resolution_for_uploads(resolution, base_model)
-    problems = {f: _image_problem(f, px) for f in files}
-    good = [f for f in files if problems[f] is None]
-    lines = [f"**Rejected** {problem}" for problem in problems.values() if problem]
-    if files and len(good) < 3:
-        lines.append(f"Add {3 - len(good)} more photo(s): training needs at least 3.")
-    elif len(good) > 5:
-        lines.append(f"{len(good)} photos: 3-5 usually suffice; more makes training slower.")
-    if good and not lines:
-        lines.append(f"{len(good)} photos ready.")
-    return good, "\n\n".join(lines)
-
-
-def _image_problem(path, resolution: int | None) -> str | None:
-    return photo_problem(Path(path), resolution)  # names the file, its size and the rule
-
-
 # ----------------------------------------------------------------------------- Library
 def library_tab(library: Library, timer: gr.Timer):
     """Returns the listing's signature state: other tabs clear it to redraw the library after adding adapters."""
-    # height "auto": a fixed height cut off the second row of thumbnails from 9 adapters on
-    gallery = gr.Gallery(label="Adapters", columns=6, height="auto", allow_preview=False, interactive=False,
-                         fit_columns=False, elem_id="library-gallery")
-    table = gr.Dataframe(headers=["name", "token", "class", "base model", "rank", "steps", "created", "size"],
+    # its height follows the number of rows (views.gallery_height): a fixed height cut off the second row from 9
+    # adapters on, and "auto" left a tall empty box under one row
+    gallery = gr.Gallery(label="Adapters", columns=GALLERY_COLUMNS, height=views.gallery_height(0, GALLERY_COLUMNS),
+                         allow_preview=False, interactive=False, fit_columns=False, elem_id="library-gallery")
+    table = gr.Dataframe(headers=views.LIBRARY_COLUMNS,
                          interactive=False, label="Adapters", elem_id="library-table")
     with gr.Row():
         with gr.Column(scale=2):
@@ -272,7 +284,10 @@ def library_tab(library: Library, timer: gr.Timer):
             # the choices is otherwise refused by Gradio with a traceback; the handlers treat unknown names themselves
             chosen = gr.Dropdown(label="Adapter", choices=[], value=None, allow_custom_value=True, elem_id="library-choice")
             details = gr.Markdown(elem_id="library-details")
-            adapter_samples = gr.Gallery(label="Samples", columns=4, height=140, interactive=False, elem_id="library-samples")
+            adapter_samples = gr.Gallery(label="Samples", columns=4, height=190, interactive=False, elem_id="library-samples")
+            photos = gr.Gallery(label="Training photos", columns=4, height=190, interactive=False, allow_preview=False,
+                                fit_columns=False,
+                                visible=False, elem_id="library-photos")
         with gr.Column(scale=2):
             with gr.Row():
                 new_name = gr.Textbox(label="New name", scale=3, elem_id="library-new-name")
@@ -284,7 +299,8 @@ def library_tab(library: Library, timer: gr.Timer):
                     confirm = gr.Button("Yes, delete it", variant="stop", elem_id="library-delete-confirm")
                     keep = gr.Button("Keep it")
             with gr.Row():
-                export_format = gr.Radio(["diffusers", "kohya"], value="diffusers", label="Download format")
+                export_format = gr.Radio(["diffusers", "kohya"], value="diffusers", label="Download format",
+                                         elem_id="library-format")
                 export = gr.Button("Export", elem_id="library-export")
             export_file = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="library-download")
             with gr.Accordion("Import a LoRA file", open=False):
@@ -313,7 +329,8 @@ def library_tab(library: Library, timer: gr.Timer):
         if signature == last_seen:
             return dict.fromkeys(listing_outputs, gr.skip())  # Gradio wants a value for every output
         thumbs = [(str(e.samples[0]) if e.samples else _placeholder(), e.name) for e in entries]
-        return {gallery: thumbs, table: views.library_frame(entries),
+        return {gallery: gr.update(value=thumbs, height=views.gallery_height(len(entries), GALLERY_COLUMNS)),
+                table: views.library_frame(entries),
                 chosen: gr.update(choices=[e.name for e in entries], value=views.chosen_name(entries, selected)),
                 seen: signature}
 
@@ -321,10 +338,12 @@ def library_tab(library: Library, timer: gr.Timer):
 
     def show(name):
         entry = library.get(name) if name and library.name_taken(name) else None
+        shown_photos = [str(p) for p in entry.photos] if entry else []
         return {details: views.adapter_details(entry), adapter_samples: [str(p) for p in entry.samples] if entry else [],
+                photos: gr.update(value=shown_photos, visible=bool(shown_photos)),
                 confirm_box: gr.update(visible=False), export_file: None}  # the download was another adapter's
 
-    chosen.change(show, chosen, {details, adapter_samples, confirm_box, export_file})
+    chosen.change(show, chosen, {details, adapter_samples, photos, confirm_box, export_file})
     gallery.select(_select_by_index(library), None, chosen)
     table.select(_select_by_index(library), None, chosen)  # a row of the table picks its adapter too
 
@@ -335,8 +354,9 @@ def library_tab(library: Library, timer: gr.Timer):
 
     rename.click(do_rename, [chosen, new_name], listing_outputs | {action_message, new_name})
 
-    delete.click(lambda name: (gr.update(visible=bool(name)), f"Delete **{name}** and its samples? This cannot be undone."),
-                 chosen, [confirm_box, confirm_text])
+    delete.click(lambda name: {confirm_box: gr.update(visible=bool(name)),
+                               confirm_text: f"Delete **{name}** and its samples? This cannot be undone."},
+                 chosen, {confirm_box, confirm_text})
     keep.click(lambda: gr.update(visible=False), None, confirm_box)
 
     @shows_errors(action_message)
@@ -404,15 +424,16 @@ def _placeholder() -> Image.Image:
 
 
 # ----------------------------------------------------------------------------- Generate
-def generate_tab(library: Library, cache: ModelCache, timer: gr.Timer, library_seen: gr.State) -> None:
+def generate_tab(demo: gr.Blocks, library: Library, cache: ModelCache, timer: gr.Timer, library_seen: gr.State) -> None:
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks dog on the moon", elem_id="gen-prompt")
             hints = gr.Markdown(elem_id="gen-hints")
-            negative = gr.Textbox(label="Negative prompt")
+            negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
             # allow_custom_value: an adapter deleted or renamed elsewhere must not make every later event fail;
             # an unknown name is refused with a sentence when generating
-            picker = gr.Dropdown(label=f"Adapters (up to {MAX_MIX})", choices=[], multiselect=True, max_choices=MAX_MIX,
+            # no max_choices: the dropdown would refuse a fifth pick without a word; views.mix_note names what is ignored
+            picker = gr.Dropdown(label=f"Adapters (up to {MAX_MIX})", choices=[], multiselect=True,
                                  allow_custom_value=True, elem_id="gen-adapters")
             sliders = [gr.Slider(-1, 2, value=1.0, step=0.05, label=f"weight {i + 1}", visible=False,
                                  elem_id=f"gen-weight-{i}") for i in range(MAX_MIX)]
@@ -424,7 +445,7 @@ def generate_tab(library: Library, cache: ModelCache, timer: gr.Timer, library_s
             base_model = gr.Dropdown(builtin_names(), value=default_base_model(), allow_custom_value=True,
                                      label="Base model (used when no adapter is chosen)")
             with gr.Row():
-                seed = gr.Number(label="Seed", value=0, precision=0)
+                seed = gr.Number(label="Seed", value=0, precision=0, elem_id="gen-seed")
                 steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
                 guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="Guidance")
             with gr.Row():
@@ -436,15 +457,21 @@ def generate_tab(library: Library, cache: ModelCache, timer: gr.Timer, library_s
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Images", columns=4, height=360, interactive=False, elem_id="gen-gallery")
             gen_message = gr.Markdown(elem_id="gen-message")
+            download_all = gr.File(label="Download all (zip: the images and their settings)", interactive=False,
+                                   elem_id="gen-download")
             with gr.Row():
                 mix_name = gr.Textbox(label="Save this mix as", placeholder="new adapter name", scale=3, elem_id="mix-name")
                 save_mix = gr.Button("Save mix as adapter", scale=1, elem_id="mix-save")
             with gr.Accordion("Weight sweep: the prompt at weights " + ", ".join(f"{w:g}" for w in DEFAULT_WEIGHTS)
                               + " of each chosen adapter, one seed", open=False, elem_id="sweep-box") as sweep_box:
-                sweep_image = gr.Image(label="Weight sweep", show_label=False, type="pil", interactive=False,
-                                       elem_id="sweep-image")  # the label badge would cover the first column label
+                # no label badge and no toolbar: they covered the first and the last column labels
+                sweep_image = gr.Image(label="Weight sweep", show_label=False, type="pil", interactive=False, buttons=[],
+                                       elem_id="sweep-image")
                 sweep_file = gr.File(label="Download the grid (PNG)", interactive=False, elem_id="sweep-download")
+    history = gr.Dataframe(headers=gen.HISTORY_COLUMNS, label="History: recent generations (pick a row to see its "
+                           "images and put its settings back in the form)", interactive=False, elem_id="gen-history")
     seen = gr.State(None)
+    form = dict(prompt=prompt, negative=negative, seed=seed, steps=steps, guidance=guidance, size=size, count=count)
 
     def adapter_choices(selected, last_seen):
         names = [e.name for e in library.list()]
@@ -461,79 +488,66 @@ def generate_tab(library: Library, cache: ModelCache, timer: gr.Timer, library_s
         text_updates = [gr.update(visible=i < len(chosen), label=f"{chosen[i]} text strength" if i < len(chosen)
                                   else f"text strength {i + 1}") for i in range(MAX_MIX)]
         hint = views.prompt_hints([library.get(n) for n in chosen if library.name_taken(n)])
-        return ["\n\n".join(line for line in (hint, views.mix_note(chosen, MAX_MIX)) if line), *updates, *text_updates]
+        return {hints: "\n\n".join(line for line in (hint, views.mix_note(chosen, MAX_MIX)) if line),
+                **dict(zip(sliders, updates)), **dict(zip(text_sliders, text_updates))}
 
-    picker.change(chosen_changed, picker, [hints, *sliders, *text_sliders])
-    strengths = [text_apart, *sliders, *text_sliders]  # the handlers' trailing inputs: views.adapter_specs reads them
+    picker.change(chosen_changed, picker, {hints, *sliders, *text_sliders})
+    strengths = [text_apart, *sliders, *text_sliders]  # the handlers' trailing inputs: split by `split_strengths`
 
-    def specs(chosen, weights):
-        return views.adapter_specs(chosen, weights[0], weights[1 : 1 + MAX_MIX], weights[1 + MAX_MIX :])
+    def split_strengths(values):
+        """(weights, text apart, text strengths) from the handlers' trailing `strengths` values."""
+        return values[1 : 1 + MAX_MIX], values[0], values[1 + MAX_MIX :]
+
+    def history_frame():
+        return gen.history_frame(recent_generations(library.root))
+
+    demo.load(history_frame, None, history, show_progress="hidden")
 
     @shows_errors(gen_message)
     def generate(prompt_text, negative_text, base, chosen, seed_value, steps_value, guidance_value, size_value,
                  count_value, *weights):
-        adapters = resolve_adapters(library, specs(chosen, weights))
-        model_name = base_model_for(adapters, None, (base or "").strip() or default_base_model())
-        settings = GenerateSettings(
-            prompt=prompt_text or "", negative_prompt=negative_text or "", num_images=int(count_value),
-            steps=int(steps_value), guidance=float(guidance_value), seed=int(seed_value or 0),
-            size=int(size_value) if size_value else None,
-            adapters=tuple(specs(chosen, weights)),
-        )
-        started = time.time()
-        with cache.lock:
-            session = cache.session(model_name)
-            session.apply(adapters)
-            images = session.generate(settings)
-        mix = ", ".join(f"{n} × {format_weight(w)}" for n, w in settings.adapters) or "no adapters"
-        captioned = [(image, f"seed {settings.seed + i}") for i, image in enumerate(images)]  # to repeat one image
-        return {gallery: captioned,
-                gen_message: f"{len(images)} images from {model_name} with {mix} in {time.time() - started:.1f} s."}
+        settings = gen.generate_settings(prompt_text, negative_text, seed_value, steps_value, guidance_value, size_value,
+                                         count_value, chosen, *split_strengths(weights))
+        result = gen.run_generation(library, cache, settings, base)
+        return {gallery: result.captioned, gen_message: result.message,
+                download_all: str(zip_generation(result.generation)), history: history_frame()}
 
     run.click(generate, [prompt, negative, base_model, picker, seed, steps, guidance, size, count, *strengths],
-              {gallery, gen_message})
+              {gallery, gen_message, download_all, history})
+
+    @shows_errors(gen_message)
+    def history_picked(evt: gr.SelectData):
+        row = evt.row_value or []
+        generation = get_generation(library.root, str(row[-1])) if row else None
+        if generation is None:
+            raise UserError("That generation is no longer in the history; generate again.")
+        values = gen.form_of(generation)
+        chosen = values.pop("chosen")
+        weights = values.pop("weights") + [1.0] * MAX_MIX
+        text_weights = values.pop("text_weights") + [1.0] * MAX_MIX
+        return {**{form[key]: values[key] for key in form}, picker: chosen, base_model: values["base_model"],
+                **{slider: weight for slider, weight in zip(sliders, weights)}, text_apart: values["text_apart"],
+                **{slider: weight for slider, weight in zip(text_sliders, text_weights)},
+                gallery: [(str(p), f"seed {generation.settings.seed + i}") for i, p in enumerate(generation.images)],
+                download_all: str(zip_generation(generation)), gen_message: gen.history_text(generation)}
+
+    history.select(history_picked, None, set(form.values()) | set(strengths) | {picker, base_model, gallery, download_all,
+                                                                                gen_message})
 
     @shows_errors(gen_message)
     def sweep_clicked(prompt_text, negative_text, chosen, seed_value, steps_value, guidance_value, size_value, *weights):
-        mix = specs(chosen, weights)
-        if not mix:
-            raise UserError("Choose the adapters to sweep first.")
-        adapters = resolve_adapters(library, mix)
-        model_name = base_model_for(adapters, None, default_base_model())
-        settings = GenerateSettings(prompt=prompt_text or "", negative_prompt=negative_text or "", num_images=1,
-                                    steps=int(steps_value), guidance=float(guidance_value), seed=int(seed_value or 0),
-                                    size=int(size_value) if size_value else None)
-        started = time.time()
-        with cache.lock:
-            grid = run_sweep(cache.session(model_name), library, settings, mix)
-        path = Path(tempfile.mkdtemp(prefix="dbl-sweep-")) / "weight-sweep.png"
-        grid.save(path)
-        return {sweep_image: grid, sweep_file: str(path), sweep_box: gr.update(open=True),
-                gen_message: f"Weight sweep of {', '.join(n for n, _ in mix)} at seed {settings.seed} "
-                             f"in {time.time() - started:.1f} s."}
+        settings = gen.generate_settings(prompt_text, negative_text, seed_value, steps_value, guidance_value, size_value,
+                                         1, chosen, *split_strengths(weights))
+        grid, path, message = gen.run_weight_sweep(library, cache, settings)
+        return {sweep_image: grid, sweep_file: str(path), sweep_box: gr.update(open=True), gen_message: message}
 
     sweep.click(sweep_clicked, [prompt, negative, picker, seed, steps, guidance, size, *strengths],
                 {sweep_image, sweep_file, sweep_box, gen_message})
 
     @shows_errors(gen_message)
     def save(chosen, name, prompt_text, seed_value, steps_value, guidance_value, *weights):
-        if not chosen:
-            raise UserError("Choose the adapters to mix first.")
-        from dreambooth_lora.mixing import mix_adapters
-
-        mix = specs(chosen, weights)
-        adapters = resolve_adapters(library, mix)
-        first = adapters[0][0]
-        # samples of the mix itself, so the Library shows what it draws (not a grey placeholder)
-        settings = GenerateSettings(prompt=(prompt_text or "").strip() or f"a photo of {first.token} {first.class_noun}",
-                                    num_images=4, steps=int(steps_value), guidance=float(guidance_value),
-                                    seed=int(seed_value or 0))
-        with cache.lock:
-            session = cache.session(base_model_for(adapters, None, default_base_model()))
-            session.apply(adapters)
-            samples = session.generate(settings)
-        entry, _ = mix_adapters(library, mix, (name or "").strip(), method="cat", samples=samples)
-        return {gen_message: f"Saved the mix as **{entry.name}** (exact concatenation, rank {entry.rank}) with "
-                             f"samples of *{settings.prompt}*.", library_seen: None}
+        _, message = gen.save_mix(library, cache, gen.mix_specs(chosen, *split_strengths(weights)), name, prompt_text, seed_value,
+                                  steps_value, guidance_value)
+        return {gen_message: message, library_seen: None}
 
     save_mix.click(save, [picker, mix_name, prompt, seed, steps, guidance, *strengths], {gen_message, library_seen})

@@ -10,11 +10,15 @@ import time
 
 import pandas as pd
 
+from pathlib import Path
+
+from dreambooth_lora.adapter_file import parameter_count
 from dreambooth_lora.config import TrainConfig, defaults_for, uses_tiny_defaults
 from dreambooth_lora.errors import UserError
-from dreambooth_lora.jobs import ACTIVE, Job, Jobs, JobStatus
+from dreambooth_lora.images import photo_problem
+from dreambooth_lora.jobs import ACTIVE, Job, Jobs, JobStatus, PhaseMark, phase_seconds, steps_per_second
 from dreambooth_lora.library import AdapterEntry
-from dreambooth_lora.models import default_base_model
+from dreambooth_lora.models import default_base_model, native_resolution
 
 # Presets scale the model's default step count and pick a rank; Balanced is exactly the core defaults.
 PRESETS = {
@@ -35,6 +39,7 @@ FIELD_LABELS = {
     "--text-encoder": "Text encoder", "--loraplus-ratio": "LoRA+ ratio", "--seed": "Seed",
     "--checkpoint-every": "Checkpoint every (steps)", "--prompt": "Prompt", "--num-images": "Images",
     "--guidance": "Guidance", "--size": "Size (px)", "--adapter": "Adapter",
+    "--sample-every": "Sample every (steps)", "--sample-prompt": "Sample prompts",
 }
 _FLAG = re.compile(r"--[a-z][a-z0-9-]*")
 
@@ -61,12 +66,17 @@ def _int(value):
 ADAPTER_TYPE_INFO = ("the UNet's adapter; rank and alpha scale it as alpha/rank. lora: B A of rank r. dora: LoRA plus a "
                      "magnitude per output row. loha: two rank-r products multiplied elementwise. lokr: a Kronecker "
                      "product, its second factor of rank r when r is below half its size")
+# The Train form's fields, in the order train_config takes them (app/ui.py lays the components out in this order).
+FORM_FIELDS = ("token", "class_noun", "name", "base_model", "preset", "steps", "rank", "alpha", "prior_weight",
+               "num_class_images", "lr", "resolution", "text_encoder", "loraplus", "seed", "token_embedding",
+               "checkpoint_every", "sample_every", "sample_prompts", "adapter_type")
 
 
 def train_config(num_images, token, class_noun, name, base_model, preset, steps, rank, alpha, prior_weight,
                  num_class_images, lr, resolution, text_encoder, loraplus, seed, token_embedding,
-                 checkpoint_every, adapter_type="lora") -> TrainConfig:
-    """The Train form's values as a TrainConfig (validated there); 0 in an optional number means its default."""
+                 checkpoint_every, sample_every=0, sample_prompts="", adapter_type="lora") -> TrainConfig:
+    """The Train form's values as a TrainConfig (validated there); 0 in an optional number means its default.
+    Sample prompts are one per line."""
     base_model = (base_model or "").strip() or default_base_model()
     steps = _blank(steps)
     scale = PRESETS[preset]["steps_scale"]
@@ -80,14 +90,54 @@ def train_config(num_images, token, class_noun, name, base_model, preset, steps,
         lr=_blank(lr), resolution=_int(_blank(resolution)), text_encoder=text_encoder,
         loraplus_ratio=_blank(loraplus), seed=_int(_blank(seed)) or 0,
         train_token_embedding={"auto": None, "on": True, "off": False}[token_embedding],
-        checkpoint_every=_int(_blank(checkpoint_every)) or 0, adapter_type=adapter_type or "lora",
+        checkpoint_every=_int(_blank(checkpoint_every)) or 0, sample_every=_int(_blank(sample_every)),
+        sample_prompts=tuple((sample_prompts or "").splitlines()), adapter_type=adapter_type or "lora",
     )
 
 
-def resolution_for_uploads(resolution, base_model) -> int | None:
-    from dreambooth_lora.models import native_resolution
+def form_values(config: TrainConfig) -> tuple[dict, list[str]]:
+    """The Train form's values for a config (train_config's inverse), and a note for each setting the form has no
+    field for (kept out: the studio trains what its form shows)."""
+    values = dict(
+        token=config.token, class_noun=config.class_noun, name=config.name or "", base_model=config.base_model,
+        preset="Balanced", steps=config.steps or 0, rank=config.rank, alpha=config.alpha or 0,
+        prior_weight=config.prior_weight, num_class_images=config.num_class_images or 0, lr=config.lr or 0,
+        resolution=config.resolution or 0, text_encoder=config.text_encoder, loraplus=config.loraplus_ratio or 0,
+        seed=config.seed, token_embedding={None: "auto", True: "on", False: "off"}[config.train_token_embedding],
+        checkpoint_every=config.checkpoint_every, sample_every=config.sample_every or 0,
+        sample_prompts="\n".join(config.sample_prompts), adapter_type=config.adapter_type,
+    )
+    defaults = TrainConfig(token=config.token, class_noun=config.class_noun, base_model=config.base_model)
+    in_form = {"name", "steps", "rank", "alpha", "prior_weight", "num_class_images", "lr", "resolution", "text_encoder",
+               "loraplus_ratio", "seed", "train_token_embedding", "checkpoint_every", "sample_every", "sample_prompts",
+               "token", "class_noun", "base_model", "adapter_type"}
+    left_out = [f"{key} = {value!r}" for key, value in config.to_dict().items()
+                if key not in in_form and value != getattr(defaults, key)]
+    if config.sample_every == 0:
+        left_out.append("sample_every = 0 (no samples; the form's 0 means four per run)")
+    notes = [f"Not in the studio's form, so not used: {', '.join(left_out)}."] if left_out else []
+    return values, notes
 
+
+def resolution_for_uploads(resolution, base_model) -> int | None:
     return _int(_blank(resolution)) or native_resolution((base_model or "").strip() or default_base_model())
+
+
+def check_uploads(files, base_model=None, resolution=None) -> tuple[list[str], str]:
+    """The usable photos (for the previews) and one line per rejected file (unreadable, or too small or long for
+    training at the form's resolution), plus how many photos there are against the 3-5 that work best."""
+    files = list(files or [])
+    px = resolution_for_uploads(resolution, base_model)
+    problems = {f: photo_problem(Path(f), px) for f in files}  # each names the file, its size and the rule
+    good = [f for f in files if problems[f] is None]
+    lines = [f"**Rejected** {problem}" for problem in problems.values() if problem]
+    if files and len(good) < 3:
+        lines.append(f"Add {3 - len(good)} more photo(s): training needs at least 3.")
+    elif len(good) > 5:
+        lines.append(f"{len(good)} photos: 3-5 usually suffice; more makes training slower.")
+    if good and not lines:
+        lines.append(f"{len(good)} photos ready.")
+    return good, "\n\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- Jobs
@@ -138,7 +188,48 @@ def loss_frame(losses: list[float]) -> pd.DataFrame | None:
         return None
     steps = list(range(1, len(losses) + 1))
     return pd.DataFrame({"step": steps * 2, "loss": list(losses) + smoothed(losses),
-                         "series": ["raw"] * len(losses) + ["smoothed"] * len(losses)})
+                         "curve": ["loss"] * len(losses) + ["smoothed"] * len(losses)})
+
+
+def sample_caption(stem: str, prompts) -> str:
+    """A training sample's caption from its file name (step-00050, step-00050-1: the second sample prompt's); short,
+    as thumbnails cut captions off: with several prompts, their numbers, which job_text lists."""
+    _, step, *index = stem.split("-")
+    text = f"step {int(step)}"
+    if len(prompts) > 1:  # with one prompt the step says it all
+        text += f" · #{int(index[0]) + 1 if index else 1}"
+    return text
+
+
+def duration_text(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+PHASE_LABELS = {"preparing": "preparing", "class_images": "class images", "training": "training",
+                "checkpoint": "checkpoints", "saving": "saving", "samples": "samples"}
+
+
+def monitor_text(job: Job | None, marks: list[PhaseMark], now: float | None = None) -> str:
+    """The training monitor's Markdown: speed, elapsed time and ETA while training, and how long each phase took."""
+    if job is None or not marks:
+        return ""
+    active = job.status in ACTIVE
+    now = time.time() if now is None else now
+    end = now if active else job.updated  # a finished job's clock stopped at its last update
+    seconds = phase_seconds(marks, end)
+    rate = steps_per_second(marks, end, job.step)
+    parts = []
+    if rate:
+        parts.append(f"**{rate:.2f} it/s**" if rate < 10 else f"**{rate:.0f} it/s**")
+    parts.append(f"elapsed {duration_text(sum(seconds.values()))}")
+    if active and job.phase == "training" and rate and job.total:
+        parts.append(f"ETA {duration_text((job.total - job.step) / rate)}")
+    phases = " · ".join(f"{PHASE_LABELS.get(phase, phase)} {duration_text(value)}" for phase, value in seconds.items())
+    return " · ".join(parts) + (f"\n\nPhases: {phases}" if phases else "")
 
 
 def job_text(jobs: Jobs, job: Job | None) -> str:
@@ -163,15 +254,35 @@ def job_text(jobs: Jobs, job: Job | None) -> str:
         lines.append(f"{job.message}: find it in the Library tab.")
     if job.losses:
         lines.append(f"last loss {job.losses[-1]:.4f}")
+    prompts = job.config.get("sample_prompts") or []
+    if len(prompts) > 1:  # the samples' captions number them
+        lines.append("Sample prompts: " + " · ".join(f"#{i} *{p}*" for i, p in enumerate(prompts, start=1)))
     return "\n\n".join(line for line in lines if line)
 
 
 # ----------------------------------------------------------------------------- Library
+def class_text(entry: AdapterEntry) -> str:
+    """A mix's class is its parts' classes ("ball + box"); an adapter's, its class noun."""
+    mix = entry.meta.get("mix")
+    if not mix:
+        return entry.class_noun
+    nouns = [part.get("class_noun") for part in mix["parts"]]
+    if all(nouns):
+        return " + ".join(dict.fromkeys(nouns)) + " (mix)"
+    return "mix"  # a mix saved before its parts' classes were recorded
+
+
 def library_frame(entries: list[AdapterEntry]) -> pd.DataFrame:
-    rows = [[e.name, e.token, e.class_noun, e.base_model, e.rank, e.steps,
+    rows = [[e.name, e.token, class_text(e), e.base_model, e.rank, "" if e.meta.get("mix") else e.steps,
              time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)), f"{e.size_bytes / 1024:.0f} KB"]
             for e in entries]
     return pd.DataFrame(rows, columns=LIBRARY_COLUMNS)
+
+
+def gallery_height(count: int, columns: int, row_px: int = 200, chrome_px: int = 60) -> int:
+    """Pixels for a gallery of `count` square thumbnails: every row shown (a tile is at most ~200 px wide in the
+    studio's layout), no tall empty box under a single row."""
+    return chrome_px + row_px * max(1, -(-count // columns))
 
 
 def chosen_name(entries: list[AdapterEntry], selected: str | None) -> str | None:
@@ -188,39 +299,73 @@ def _shown(value):
     return value
 
 
+def adapter_kind(entry: AdapterEntry) -> str:
+    """What the file holds, in words: where its LoRA layers sit and whether it carries an identifier embedding."""
+    meta = entry.meta
+    if meta.get("mix"):
+        kind = f"mix ({'exact concatenation' if meta['mix']['method'] == 'cat' else meta['mix']['method']})"
+    else:
+        kind = "LoRA on the UNet attention"
+        if meta.get("text_encoder") in ("lora", "qlora"):
+            kind += f" + text-encoder {'QLoRA' if meta['text_encoder'] == 'qlora' else 'LoRA'}"
+    if meta.get("train_token_embedding"):
+        kind += " + identifier embedding"
+    if meta.get("imported_format"):
+        kind += f", imported from a {meta['imported_format']} file"
+    return kind
+
+
+def _parameters(entry: AdapterEntry) -> str | None:
+    try:
+        return f"{parameter_count(entry.file):,}"
+    except UserError:  # a file gone or unreadable: the other rows still tell the story
+        return None
+
+
+def _table(entry: AdapterEntry, rows) -> str:
+    return f"### {entry.name}\n\n| setting | value |\n|---|---|\n" + "\n".join(
+        f"| {k} | {_shown(v)} |" for k, v in rows if v is not None and v != "")
+
+
 def adapter_details(entry: AdapterEntry | None) -> str:
-    """The Library tab's Markdown for one adapter: its settings as a table and the prompt to use it with."""
+    """The Library tab's Markdown for one adapter: how it was made (photos, settings, time), what it is (type,
+    parameters) and the prompt to use it with; for a mix, its parts and weights instead of training settings."""
     if entry is None:
         return EMPTY_LIBRARY
     meta = entry.meta
+    created = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.created))
+    size = f"{entry.size_bytes / 1024:.0f} KB"
     mix = meta.get("mix")
     if mix:  # a saved mix: its parts and weights tell its story; steps and the class prompt do not apply
-        rows = [("mix of", mix_parts(entry)), ("method", mix["method"]), ("base model", entry.base_model),
-                ("rank", entry.rank), ("size", f"{entry.size_bytes / 1024:.0f} KB"), ("id", entry.id)]
-        return f"### {entry.name}\n\n| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
-    rows = [("token", entry.token), ("class", entry.class_noun), ("base model", entry.base_model),
-            ("rank / alpha", f"{entry.rank} / {entry.alpha:g}"), ("steps", entry.steps),
+        rows = [("mix of", mix_parts(entry)), ("class", class_text(entry)), ("type", adapter_kind(entry)),
+                ("base model", entry.base_model), ("rank", entry.rank), ("parameters", _parameters(entry)),
+                ("created", created), ("size", size), ("id", entry.id)]
+        return _table(entry, rows) + f"\n\nPrompt with its parts' words, e.g. {mix_prompt(entry)}"
+    seconds = meta.get("training_seconds")
+    rows = [("token", entry.token), ("class", entry.class_noun), ("type", adapter_kind(entry)),
+            ("parameters", _parameters(entry)), ("base model", entry.base_model),
+            ("training photos", meta.get("num_images") or (len(entry.photos) or None)),
+            ("steps", entry.steps or None), ("learning rate", meta.get("lr")), ("seed", meta.get("seed")),
+            ("rank / alpha", f"{entry.rank} / {entry.alpha:g}"), ("batch", meta.get("batch_size")),
             ("prior weight λ", meta.get("prior_weight")), ("class images", meta.get("num_class_images")),
             ("adapter type", entry.adapter_type), ("trainable parameters", entry.trainable_params),
             ("text encoder", meta.get("text_encoder")), ("token embedding", meta.get("train_token_embedding")),
+            ("training time", duration_text(seconds) if seconds is not None else None),
             ("final loss", meta.get("final_loss")),
-            ("created", time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.created))),
-            ("size", f"{entry.size_bytes / 1024:.0f} KB"), ("id", entry.id)]
-    text = f"### {entry.name}\n\n| setting | value |\n|---|---|\n" + "\n".join(
-        f"| {k} | {_shown(v)} |" for k, v in rows if v is not None and v != "")
+            ("imported from", Path(meta["imported_from"]).name if meta.get("imported_from") else None),
+            ("created", created), ("size", size), ("id", entry.id)]
+    text = _table(entry, rows)
     if entry.token:
         text += f"\n\nPrompt with: `a photo of {entry.token} {entry.class_noun}`"
     return text
 
 
+def mix_prompt(entry: AdapterEntry) -> str:
+    words = [f"`{p['token']} {p['class_noun']}`" for p in entry.meta["mix"]["parts"] if p.get("token")]
+    return " and ".join(dict.fromkeys(words)) if words else "the prompts of the adapters it mixes"
+
+
 # ----------------------------------------------------------------------------- Generate
-def adapter_specs(chosen, text_apart, weights, text_weights) -> list[tuple[str, object]]:
-    """The Generate tab's adapters as (name, weight) or, with text strengths set apart, (name, (unet, text))."""
-    if not text_apart:
-        return [(name, float(weight)) for name, weight in zip(chosen or [], weights)]
-    return [(name, (float(weight), float(text))) for name, weight, text in zip(chosen or [], weights, text_weights)]
-
-
 def mix_parts(entry: AdapterEntry) -> str | None:
     mix = entry.meta.get("mix")
     from dreambooth_lora.generate import format_weight  # a part's weight may be a (UNet, text) pair

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import re
 import shutil
 import time
@@ -26,7 +27,7 @@ from .adapter_types import DoRA, LoHa, LoKr, LoRA, split_peft_key, type_of_peft_
 from .errors import UserError
 from .faults import fault_point
 from .identifier import IDENTIFIER_PREFIX, LEGACY_PREFIX, from_file_tensors, to_file_tensors
-from .library import AdapterEntry, Library
+from .library import PHOTOS_FOLDER, AdapterEntry, Library
 from .paths import atomic_path, validate_name
 
 COMPONENTS = ("unet", "text_encoder")
@@ -128,6 +129,15 @@ def write_adapter(path, adapter: AdapterFile) -> None:
     tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in adapter.tensors.items()}
     with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=header)
+
+
+def parameter_count(path) -> int:
+    """How many numbers the file holds (LoRA factors and identifier rows), read from its header alone."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise UserError(f"{path}: not a readable safetensors file ({error}).".replace("\n", " ")) from None
 
 
 def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -232,8 +242,9 @@ def free_name(library: Library, base: str) -> str:
     return name
 
 
-def store_adapter(library: Library, adapter: AdapterFile, samples=()) -> AdapterEntry:
-    """Write the file and sample images into a staging folder and move it into the library (all or nothing).
+def store_adapter(library: Library, adapter: AdapterFile, samples=(), photos=()) -> AdapterEntry:
+    """Write the file, sample images and copies of the training `photos` (paths) into a staging folder and move it
+    into the library (all or nothing).
 
     The metadata gets a new id, the time, and the rank and alpha the layers have (docs/DESIGN.md, "On-disk state").
     """
@@ -248,6 +259,10 @@ def store_adapter(library: Library, adapter: AdapterFile, samples=()) -> Adapter
             (staging / "samples").mkdir()
             for index, image in enumerate(samples):
                 image.save(staging / "samples" / f"{index}.png")
+        if photos:
+            (staging / PHOTOS_FOLDER).mkdir()
+            for index, path in enumerate(photos):
+                shutil.copyfile(path, staging / PHOTOS_FOLDER / f"{index:02d}{Path(path).suffix.lower()}")
         return library.add_adapter(staging, meta)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save a resumable checkpoint every K steps (default 100; 0: by time only)")
     t.add_argument("--checkpoint-seconds", type=float, default=120.0, metavar="S",
                    help="... or every S seconds, whichever comes first (default 120; 0: by steps only)")
+    t.add_argument("--sample-every", type=int, metavar="K",
+                   help="draw samples every K steps while training into the job's samples/ folder (default none; the "
+                        "studio's worker: 4 per run)")
+    t.add_argument("--sample-prompt", dest="sample_prompts", action="append", default=[], metavar="PROMPT",
+                   help="a prompt for those samples and the adapter's saved samples; repeat for up to 4 (default: the "
+                        "instance prompt)")
     t.add_argument("--resume", metavar="JOB",
                    help="continue an interrupted, cancelled or failed job from its checkpoint, in the foreground (other options are the job's)")
     t.add_argument("--submit", action="store_true",
@@ -249,6 +255,7 @@ def cmd_train(args) -> int:
             channels_last=args.channels_last, compile=args.compile, fused_adam=args.fused_adam,
             device_noise=args.device_noise, loss_every=args.loss_every, class_batch_size=args.class_batch_size,
             snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, meter_every=args.meter_every, keep=args.keep,
+            sample_every=args.sample_every, sample_prompts=tuple(args.sample_prompts),
         )
         job_id = jobs.create(config, args.images, status=JobStatus.QUEUED if args.submit else JobStatus.RUNNING)
     print(f"job {job_id}", file=sys.stderr)

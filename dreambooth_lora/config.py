@@ -18,6 +18,7 @@ CLASS_IMAGES_REAL = 200  # DreamBooth paper's N for prior preservation
 # Built-ins with SD 1.5's layout (dreambooth_lora/builtin_configs.py): stand-ins for real models in speed work,
 # so they take real models' defaults, not the tiny built-ins' tuned ones.
 REAL_SHAPED_BUILTINS = ("builtin:sd15-toy", "builtin:sd15-random")
+MAX_SAMPLE_PROMPTS = 4  # one image per prompt at each sample step: more would slow training noticeably
 
 
 def uses_tiny_defaults(base_model: str) -> bool:
@@ -54,6 +55,10 @@ class TrainConfig:
     config_dir: str | None = None  # component configs for a single-file checkpoint
     class_prompt: str | None = None
     instance_prompt: str | None = None
+    # samples drawn while training: every this many steps (None: the runner's choice, a quarter of the run in the
+    # studio's worker, none in the CLI; 0: none), one image per prompt (empty: the instance prompt)
+    sample_every: int | None = None
+    sample_prompts: tuple[str, ...] = ()
     # --- speed levers (README "Speed" has each one measured on and off); each is read in one place in train.py ---
     low_memory: bool = False  # gradient checkpointing, 8-bit AdamW (CUDA), text encoder and VAE off the GPU once cached
     channels_last: bool = False  # NHWC convolutions; pays on tensor-core GPUs, not on this project's CPU
@@ -69,6 +74,15 @@ class TrainConfig:
     keep: str = "final"  # what goes to the library: the final weights, the meter's chosen point, or both
 
     def __post_init__(self):
+        if isinstance(self.sample_prompts, str) or not all(isinstance(p, str) for p in self.sample_prompts):
+            raise UserError("--sample-prompt: each sample prompt must be text.")
+        # a list (JSON, the job row) becomes a tuple, so a config read back equals the one written
+        object.__setattr__(self, "sample_prompts", tuple(p.strip() for p in self.sample_prompts if p.strip()))
+        if len(self.sample_prompts) > MAX_SAMPLE_PROMPTS:
+            raise UserError(f"--sample-prompt: at most {MAX_SAMPLE_PROMPTS} sample prompts "
+                            f"({len(self.sample_prompts)} given).")
+        if any(len(p) > 300 for p in self.sample_prompts):
+            raise UserError("--sample-prompt: a sample prompt is longer than 300 characters.")
         if not re.fullmatch(r"[A-Za-z0-9_<>-]{1,32}", self.token or ""):
             raise UserError(f"--token {self.token!r}: use one word of letters or digits, e.g. sks.")
         if not re.fullmatch(r"[A-Za-z][A-Za-z -]{0,39}", self.class_noun or ""):
@@ -81,6 +95,7 @@ class TrainConfig:
         _check_range("--checkpoint-every", self.checkpoint_every, 0, 100_000)
         if not 0 <= self.checkpoint_seconds <= 86_400:
             raise UserError(f"--checkpoint-seconds {self.checkpoint_seconds}: must be from 0 to 86400.")
+        _check_range("--sample-every", self.sample_every, 0, 100_000)
         _check_range("--loss-every", self.loss_every, 1, 10_000)
         _check_range("--class-batch-size", self.class_batch_size, 1, 256)
         if self.resolution is not None and self.resolution % 8:
@@ -130,6 +145,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def prompts_to_sample(self) -> tuple[str, ...]:
+        """The prompts of the samples drawn while training and saved with the adapter (after `resolved`)."""
+        return self.sample_prompts or (self.instance_prompt or f"a photo of {self.token} {self.class_noun}",)
 
 
 def defaults_for(is_builtin: bool, num_images: int, native_resolution: int) -> dict:

@@ -31,6 +31,7 @@ from .identifier import choose_identifier, identifiers_in_use, rename_in_prompt
 from .images import check_subject_photos, expand_image_paths
 from .library import Library, new_id
 from .models import check_base_model, native_resolution
+from .paths import atomic_write_bytes
 
 HEARTBEAT_SECONDS = 10.0
 STALE_SECONDS = 60.0
@@ -41,6 +42,7 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 METER_FILE = "meter.json"  # the meter's points and chosen step (dreambooth_lora/meter.py writes it)
 METER_CHECKPOINTS = "meter"  # the adapter tensors at each meter point, until the adapter is saved
 LOG_FILE = "log.txt"
+PHASES_FILE = "phases.json"  # when each phase of each run began: the studio's monitor and the adapter's training time
 
 
 class JobStatus(StrEnum):
@@ -137,6 +139,52 @@ class Job:
                 "adapter_id": self.adapter_id, "runner": runner, "cancel_requested": self.cancel_requested,
                 "created": self.created, "updated": self.updated, "config": self.config,
                 "meter": meter.get("meter", []), "chosen_step": meter.get("chosen_step")}
+
+
+@dataclass(frozen=True)
+class PhaseMark:
+    """A phase began (preparing, class_images, training, checkpoint, saving, samples), or a run ended (a status)."""
+
+    phase: str
+    started: float
+    step: int
+    run: float  # when the run (one process training the job) began: marks of one run belong together
+
+
+ENDINGS = {str(s) for s in (JobStatus.DONE, JobStatus.FAILED, JobStatus.INTERRUPTED, JobStatus.CANCELLED)}
+
+
+def phase_spans(marks: list[PhaseMark], now: float) -> list[tuple[PhaseMark, float, int]]:
+    """Each phase with its seconds and the steps it advanced. A run's last phase lasts until its ending mark, or
+    until `now` if it is the newest mark; a run that died without an ending mark loses its last phase."""
+    spans = []
+    for index, mark in enumerate(marks):
+        if mark.phase in ENDINGS:
+            continue
+        following = marks[index + 1] if index + 1 < len(marks) else None
+        if following is not None and following.run == mark.run:
+            spans.append((mark, following.started - mark.started, following.step - mark.step))
+        elif following is None:
+            spans.append((mark, max(0.0, now - mark.started), None))
+    return spans
+
+
+def phase_seconds(marks: list[PhaseMark], now: float) -> dict[str, float]:
+    """Seconds per phase over every run, in the order the phases first began."""
+    totals: dict[str, float] = {}
+    for mark, seconds, _ in phase_spans(marks, now):
+        totals[mark.phase] = totals.get(mark.phase, 0.0) + seconds
+    return totals
+
+
+def steps_per_second(marks: list[PhaseMark], now: float, step: int) -> float | None:
+    """Training speed over every training phase so far (`step`: where the job is now); None before it is known."""
+    steps = seconds = 0.0
+    for mark, span_seconds, advanced in phase_spans(marks, now):
+        if mark.phase == "training":
+            steps += (step - mark.step) if advanced is None else advanced
+            seconds += span_seconds
+    return steps / seconds if steps > 0 and seconds > 0 else None
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -364,8 +412,14 @@ class Jobs:
         if not (job.folder / "images").is_dir():
             raise UserError(f"Job {job_id} has lost its photos ({job.folder / 'images'}); start a new job instead.")
         step = checkpoint_step(job.checkpoint)
-        message = (f"resumes from its checkpoint at step {step} of {job.total or '?'}" if step is not None
-                   else "no checkpoint: starts again from step 0")
+        if step is None:
+            message = "no checkpoint: starts again from step 0"
+        elif job.step > step:  # the steps after the last checkpoint were not saved
+            again = f"step {job.step} is" if job.step == step + 1 else f"steps {step + 1}-{job.step} are"
+            message = (f"restarts from its last checkpoint at step {step} of {job.total or '?'} (it stopped at step "
+                       f"{job.step}; {again} trained again)")
+        else:
+            message = f"resumes from its checkpoint at step {step} of {job.total or '?'}"
         with self.engine.begin() as db:
             changed = db.execute(update(jobs_table).where(
                 jobs_table.c.id == job_id, jobs_table.c.status.in_([str(s) for s in RESUMABLE]),
@@ -403,6 +457,26 @@ class Jobs:
             if job.folder.exists():
                 job.folder.rename(trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+    def mark_phase(self, job_id: str, phase: str, step: int, run: float) -> None:
+        """Record that `phase` began (only the job's runner writes these, so read-append-write is safe)."""
+        marks = [vars(m) for m in self.phases(job_id)] + [vars(PhaseMark(phase, time.time(), step, run))]
+        atomic_write_bytes(self.folder(job_id) / PHASES_FILE, json.dumps(marks).encode())
+
+    def phases(self, job_id: str) -> list[PhaseMark]:
+        path = self.folder(job_id) / PHASES_FILE
+        try:
+            return [PhaseMark(**mark) for mark in json.loads(path.read_text())]
+        except FileNotFoundError:
+            return []
+
+    def read_log(self, job_id: str, max_lines: int = 200) -> str:
+        """The last `max_lines` lines of the job's log (what happened, with every failure's traceback)."""
+        try:
+            lines = (self.folder(job_id) / LOG_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
+        except FileNotFoundError:
+            return ""
+        return "\n".join(lines[-max_lines:])
 
     def log(self, job_id: str, line: str) -> None:
         folder = self.folder(job_id)
@@ -458,6 +532,8 @@ def run_job(jobs: Jobs, job_id: str, prior_dir=None, *, observer: Callable | Non
 
     stop = stop or threading.Event()
     job = jobs.get(job_id)
+    if job.config.get("sample_every") is not None:  # the job's own setting (the studio's Advanced) wins
+        sample_every = job.config["sample_every"]
     if saved := jobs.adapter_name(job):  # its adapter reached the library before a crash (while samples were drawn)
         jobs.update(job_id, status=JobStatus.DONE, phase=str(JobStatus.DONE), step=len(job.losses),
                     message=f"saved adapter {saved} (before an interruption)")
@@ -490,6 +566,7 @@ def run_job(jobs: Jobs, job_id: str, prior_dir=None, *, observer: Callable | Non
     finally:
         heartbeat.stop()
     job = jobs.get(job_id)
+    jobs.mark_phase(job_id, str(job.status), job.step, writer.run)
     jobs.log(job_id, f"{job.status} at step {job.step}" + (f": {job.error}" if job.error else ""))
     return job
 
@@ -531,6 +608,7 @@ class _ProgressWriter:
         self.losses: list[float] = list(jobs.get(job_id).losses)
         self.last_write, self.last_phase, self.last_check = 0.0, None, 0.0
         self.cancel_seen = False
+        self.run = time.time()
 
     def __call__(self, progress) -> None:
         self._record(progress)
@@ -544,6 +622,8 @@ class _ProgressWriter:
             elif progress.loss is not None and progress.step > 0:
                 self.losses[progress.step - 1 :] = [progress.loss]
         now = time.time()
+        if progress.phase != self.last_phase:
+            self.jobs.mark_phase(self.job_id, progress.phase, progress.step, self.run)
         urgent = progress.phase != self.last_phase or progress.message or progress.sample is not None
         if not urgent and now - self.last_write < WRITE_INTERVAL and progress.step != progress.total:
             return

@@ -20,6 +20,8 @@ from .errors import UserError
 from .faults import fault_point
 from .paths import atomic_write_bytes, validate_name
 
+PHOTOS_FOLDER = "photos"  # an adapter's copies of the subject photos it was trained on
+
 @dataclass(frozen=True)
 class AdapterEntry:
     id: str
@@ -53,6 +55,11 @@ class AdapterEntry:
     @property
     def samples(self) -> list[Path]:
         return sorted((self.folder / "samples").glob("*.png"))
+
+    @property
+    def photos(self) -> list[Path]:
+        """The subject photos it was trained on (none for mixes, imports and adapters from before they were kept)."""
+        return sorted(p for p in (self.folder / PHOTOS_FOLDER).glob("*") if not p.name.startswith("."))
 
     def summary(self) -> dict:
         return {

@@ -134,7 +134,8 @@ def mix_adapters(library: Library, specs: list[tuple[str, float]], new_name: str
         "text_encoder": "lora" if any(k.startswith("text_encoder.") for k in layers) else "none",
         "train_token_embedding": any(a.identifiers for a in adapters),
         "mix": {"method": method, "rank": rank if svd_like else None,
-                "parts": [{"name": e.name, "id": e.id, "weight": list(w) if isinstance(w, tuple) else w} for e, w in parts],
+                "parts": [{"name": e.name, "id": e.id, "weight": list(w) if isinstance(w, tuple) else w,
+                           "token": e.token, "class_noun": e.class_noun} for e, w in parts],
                 **({"density": options.density, "majority_sign": options.majority_sign, "seed": options.seed} if options else {})},
     }
     identifiers = _mixed_identifiers(entries[0].base_model, parts, adapters)

@@ -18,7 +18,7 @@ from .config import TrainConfig, uses_tiny_defaults
 from .errors import UserError
 from .faults import fault_point
 from .images import load_subject_images
-from .jobs import CHECKPOINT_FILE, METER_CHECKPOINTS, METER_FILE, Jobs
+from .jobs import CHECKPOINT_FILE, METER_CHECKPOINTS, METER_FILE, Jobs, phase_seconds
 from .library import AdapterEntry, Library
 from .identifier import IdentifierEmbedding, from_file_tensors
 from .lora import (
@@ -265,9 +265,11 @@ def train_steps(run: Run, job_dir: Path, on_progress, should_stop, sample_every:
                 on_progress(Progress("training", run.step, config.steps, run.losses[-1]))  # written: training again
             if sample_every and run.step % sample_every == 0 and run.step < config.steps:
                 read_losses()
-                sample = job_dir / "samples" / f"step-{run.step:05d}.png"
-                sample.parent.mkdir(exist_ok=True)
-                generate_samples(run.model, run.trainables, config, 1)[0].save(sample)
+                (job_dir / "samples").mkdir(exist_ok=True)
+                prompts = config.prompts_to_sample  # one image per prompt: step-00050.png, step-00050-1.png, ...
+                for index, image in enumerate(generate_samples(run.model, run.trainables, config, list(prompts))):
+                    sample = job_dir / "samples" / f"step-{run.step:05d}{f'-{index}' if index else ''}.png"
+                    image.save(sample)
                 on_progress(Progress("training", run.step, config.steps, run.losses[-1], sample=sample))
     except KeyboardInterrupt:
         checkpoint()
@@ -304,13 +306,16 @@ def finish_run(library: Library, run: Run, job_id: str, on_progress, started: fl
         run.trainables.load_tensors(meter.tensors_at(chosen))
     meter_meta = {} if meter is None else {"chosen_step": chosen,
                                            "weights_step": chosen if config.keep == "best" else run.step}
-    entry = save_adapter(library, run.model, run.trainables, config, job_id, run.losses, meter_meta)
+    jobs = Jobs(library)
+    training_seconds = sum(phase_seconds(jobs.phases(job_id), time.time()).values())  # every run, resumed ones too
+    photos = sorted((jobs.folder(job_id) / "images").iterdir())
+    entry = save_adapter(library, run.model, run.trainables, config, job_id, run.losses, meter_meta, training_seconds, photos)
     chosen_entry = None
     if config.keep == "both" and final_tensors is not None:
         run.trainables.load_tensors(meter.tensors_at(chosen))
         chosen_config = replace(config, name=free_name(library, f"{entry.name}-step{chosen}"))
         chosen_entry = save_adapter(library, run.model, run.trainables, chosen_config, job_id, run.losses,
-                                    {"chosen_step": chosen, "weights_step": chosen})
+                                    {"chosen_step": chosen, "weights_step": chosen}, training_seconds, photos)
     run.timings["adapter_saved"] = time.perf_counter() - perf_started
     # Recorded on the job before the checkpoint goes: a crash from here on leaves a job that reads its adapter.
     on_progress(Progress("samples", run.step, config.steps, message=f"saved adapter {entry.name}"
@@ -544,26 +549,29 @@ def write_samples(entry: AdapterEntry, model: BaseModel, trainables: Trainables,
     """The adapter's sample images, written into its library folder once the adapter is there."""
     folder = entry.folder / "samples"
     folder.mkdir(exist_ok=True)
-    for index, image in enumerate(generate_samples(model, trainables, config, SAMPLE_COUNT)):
+    prompts = config.prompts_to_sample
+    for index, image in enumerate(generate_samples(model, trainables, config, [prompts[i % len(prompts)] for i in range(SAMPLE_COUNT)])):
         with atomic_path(folder / f"{index}.png") as tmp:
             image.save(tmp, format="PNG")
 
 
 @torch.no_grad()
-def generate_samples(model: BaseModel, trainables: Trainables, config: TrainConfig, count: int):
+def generate_samples(model: BaseModel, trainables: Trainables, config: TrainConfig, prompts: list[str]):
+    """One image per prompt, image i at seed config.seed + i."""
     model.vae.to(trainables.device), model.text_encoder.to(trainables.device)  # back, if --low-memory moved them
     pipe = model.pipeline()
-    generators = [torch.Generator().manual_seed(config.seed + i) for i in range(count)]
+    generators = [torch.Generator().manual_seed(config.seed + i) for i in range(len(prompts))]
     with torch.autocast(trainables.device.type, dtype=trainables.autocast_dtype, enabled=trainables.autocast_dtype is not None):
         return pipe(
-            [config.instance_prompt] * count, num_inference_steps=20, guidance_scale=5.0,
+            prompts, num_inference_steps=20, guidance_scale=5.0,
             height=config.resolution, width=config.resolution, generator=generators,
         ).images
 
 
 def save_adapter(library: Library, model: BaseModel, trainables: Trainables, config: TrainConfig,
-                 job_id: str, losses: list[float], extra_meta: dict | None = None) -> AdapterEntry:
-    """Store the adapter file and meta in the library (all or nothing); samples follow (write_samples).
+                 job_id: str, losses: list[float], extra_meta: dict | None = None, training_seconds: float | None = None,
+                 photos=()) -> AdapterEntry:
+    """Store the adapter file, meta and training photos in the library (all or nothing); samples follow (write_samples).
 
     `store_adapter` adds the id, the time, and the rank and alpha of the saved layers to the metadata."""
     meta = {
@@ -575,8 +583,12 @@ def save_adapter(library: Library, model: BaseModel, trainables: Trainables, con
         "adapter_type": config.adapter_type,
         "resolution": config.resolution, "lr": config.lr, "loraplus_ratio": config.loraplus_ratio,
         "seed": config.seed, "job": job_id, "final_loss": losses[-1] if losses else None,
+        "batch_size": config.batch_size, "num_images": len(photos) or None,
+        "training_seconds": round(training_seconds, 1) if training_seconds is not None else None,
+        "sample_prompts": list(config.prompts_to_sample),
         "prompt_similarity": round(trainables.separation, 4), "studio_version": __version__,
         "snr_gamma": config.snr_gamma, "noise_offset": config.noise_offset, **(extra_meta or {}),
     }
-    return store_adapter(library, AdapterFile.from_tensors(trainables.tensors(), meta, config.lora_alpha, config.rank))
+    return store_adapter(library, AdapterFile.from_tensors(trainables.tensors(), meta, config.lora_alpha, config.rank),
+                         photos=photos)
 

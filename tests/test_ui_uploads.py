@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from app.ui import check_uploads
+from app.views import check_uploads
 
 
 def test_upload_check_names_tiny_and_extreme_photos(make_subject_images, tmp_path):

@@ -239,3 +239,38 @@ def test_a_data_root_from_before_the_jobs_module_is_converted(tmp_path):
     done, was_running = jobs.get("a"), jobs.get("b")
     assert done.status == JobStatus.DONE and done.config == config and done.losses == [1.0, 0.5, 0.25]
     assert was_running.status == JobStatus.INTERRUPTED and was_running.step == 3  # no runner survives an upgrade
+
+
+def test_sample_settings_phases_and_photos_reach_the_job_and_the_adapter(library, jobs, prior_dir):
+    """The studio's Advanced sample settings drive the samples drawn while training (one image per prompt at each
+    sample step), the job records when each phase began, and the adapter keeps its photos and training time."""
+    prompts = ("a photo of sks box", "a photo of sks box on a red background")
+    job_id = jobs.create(config("sampled", 4, sample_every=2, sample_prompts=prompts), IMAGES)
+    run_once(library, prior_dir)  # the worker's own default (samples_per_job=0 here) yields to the job's setting
+    job = jobs.get(job_id)
+    assert job.status == JobStatus.DONE
+    assert sorted(p.name for p in (job.folder / "samples").iterdir()) == ["step-00002-1.png", "step-00002.png"]
+    marks = jobs.phases(job_id)
+    order = [m.phase for m in marks]
+    assert order[0] == "preparing" and order[-1] == "done"
+    assert {"class_images", "training", "saving", "samples"} <= set(order)
+    assert jobs_module.steps_per_second(marks, marks[-1].started, job.step) > 0
+    entry = library.get("sampled")
+    assert [p.read_bytes() for p in entry.photos] == [p.read_bytes() for p in IMAGES]
+    assert entry.meta["num_images"] == 3 and entry.meta["sample_prompts"] == list(prompts)
+    assert 0 < entry.meta["training_seconds"] <= marks[-1].started - marks[0].started + 1
+    assert "started on" in jobs.read_log(job_id) and jobs.read_log(job_id, max_lines=1).count("\n") == 0
+
+
+def test_resume_says_it_restarts_from_the_last_checkpoint_when_the_job_got_further(library, jobs, prior_dir):
+    job_id = jobs.create(config("killed", 6, checkpoint_every=2), IMAGES)
+    stop = threading.Event()
+    worker = threading.Thread(target=run_once, args=(library, prior_dir), kwargs={"stop": stop, "on_progress": at_step(3, stop)})
+    worker.start()
+    worker.join(120)
+    stopped = jobs.get(job_id)
+    # as after a kill -9: the job row had reached a later step than its last checkpoint
+    jobs.update(job_id, step=stopped.step + 2)
+    message = jobs.resume(job_id)
+    assert message == (f"restarts from its last checkpoint at step {stopped.step} of 6 (it stopped at step "
+                       f"{stopped.step + 2}; steps {stopped.step + 1}-{stopped.step + 2} are trained again)")
