@@ -237,7 +237,8 @@ def test_a_data_root_from_before_the_jobs_module_is_converted(tmp_path):
                        (job_id, status, json.dumps({"config": config}), status))
     jobs = Jobs(Library(root))
     done, was_running = jobs.get("a"), jobs.get("b")
-    assert done.status == JobStatus.DONE and done.config == config and done.losses == [1.0, 0.5, 0.25]
+    assert done.status == JobStatus.DONE and done.config == json.loads(json.dumps(config))  # as stored: JSON lists
+    assert done.train_config() == TrainConfig(**config) and done.losses == [1.0, 0.5, 0.25]
     assert was_running.status == JobStatus.INTERRUPTED and was_running.step == 3  # no runner survives an upgrade
 
 
