@@ -299,13 +299,16 @@ def _shown(value):
     return value
 
 
+TYPE_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}  # adapter_types.py's names, as written
+
+
 def adapter_kind(entry: AdapterEntry) -> str:
     """What the file holds, in words: where its LoRA layers sit and whether it carries an identifier embedding."""
     meta = entry.meta
     if meta.get("mix"):
         kind = f"mix ({'exact concatenation' if meta['mix']['method'] == 'cat' else meta['mix']['method']})"
     else:
-        kind = "LoRA on the UNet attention"
+        kind = f"{TYPE_NAMES.get(entry.adapter_type, entry.adapter_type)} on the UNet attention"
         if meta.get("text_encoder") in ("lora", "qlora"):
             kind += f" + text-encoder {'QLoRA' if meta['text_encoder'] == 'qlora' else 'LoRA'}"
     if meta.get("train_token_embedding"):
@@ -316,6 +319,9 @@ def adapter_kind(entry: AdapterEntry) -> str:
 
 
 def _parameters(entry: AdapterEntry) -> str | None:
+    """The values training learned (recorded when it was stored), else the numbers in the file (older adapters)."""
+    if entry.trainable_params is not None:
+        return f"{entry.trainable_params:,}"
     try:
         return f"{parameter_count(entry.file):,}"
     except UserError:  # a file gone or unreadable: the other rows still tell the story
@@ -348,7 +354,6 @@ def adapter_details(entry: AdapterEntry | None) -> str:
             ("steps", entry.steps or None), ("learning rate", meta.get("lr")), ("seed", meta.get("seed")),
             ("rank / alpha", f"{entry.rank} / {entry.alpha:g}"), ("batch", meta.get("batch_size")),
             ("prior weight λ", meta.get("prior_weight")), ("class images", meta.get("num_class_images")),
-            ("adapter type", entry.adapter_type), ("trainable parameters", entry.trainable_params),
             ("text encoder", meta.get("text_encoder")), ("token embedding", meta.get("train_token_embedding")),
             ("training time", duration_text(seconds) if seconds is not None else None),
             ("final loss", meta.get("final_loss")),

@@ -132,7 +132,7 @@ def test_details_tell_how_an_adapter_was_trained(tmp_path, subject_images):
     meta = {"name": "box", "token": "sks", "class_noun": "box", "base_model": "builtin:tiny-random", "steps": 400,
             "lr": 0.001, "seed": 7, "training_seconds": 83.4, "num_images": 3, "text_encoder": "lora",
             "train_token_embedding": True, "batch_size": 2}
-    entry = store_adapter(library, AdapterFile(layers, {"sks</w>": torch.zeros(32)}, meta), photos=subject_images)
+    entry = store_adapter(library, AdapterFile(layers, {"sks": torch.zeros(1, 32)}, meta), photos=subject_images)
     assert [p.read_bytes() for p in entry.photos] == [p.read_bytes() for p in subject_images]
     text = views.adapter_details(entry)
     for row in ("| training photos | 3 |", "| learning rate | 0.001 |", "| seed | 7 |", "| training time | 1:23 |",
