@@ -175,8 +175,9 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
         checked = views.train_config(len(files or []), *form_values)  # validated once here for the photos' resolution
         accepted, _ = views.check_uploads(files, checked.base_model, checked.resolution)
         jobs = Jobs(library)
-        job_id = jobs.create(views.train_config(len(accepted), *form_values), accepted)
-        message = f"Queued **{jobs.get(job_id).name}** as job `{job_id}`; jobs run one at a time in the background."
+        config = views.train_config(len(accepted), *form_values)
+        job_id = jobs.create(config, accepted)
+        message = views.queued_message(jobs.get(job_id), config.token)
         return {start_message: message, job_choice: gr.update(choices=views.job_choices(jobs.list()), value=job_id)}
 
     start.click(start_clicked, [uploads, *form], {start_message, job_choice})

@@ -40,6 +40,7 @@ FIELD_LABELS = {
     "--checkpoint-every": "Checkpoint every (steps)", "--prompt": "Prompt", "--num-images": "Images",
     "--guidance": "Guidance", "--size": "Size (px)", "--adapter": "Adapter",
     "--sample-every": "Sample every (steps)", "--sample-prompt": "Sample prompts",
+    "--train-token-embedding": "Train token embedding: on", "--adapter-type": "Adapter type",
 }
 _FLAG = re.compile(r"--[a-z][a-z0-9-]*")
 
@@ -47,6 +48,16 @@ _FLAG = re.compile(r"--[a-z][a-z0-9-]*")
 def ui_error_text(error: UserError | str) -> str:
     """A core UserError's sentence with its CLI flags replaced by the studio's field names."""
     return _FLAG.sub(lambda m: FIELD_LABELS.get(m.group(0), m.group(0)), str(error))
+
+
+def queued_message(job, asked_token: str) -> str:
+    """What Start says: the job queued, and the identifier the subject got when the one asked for is in use."""
+    text = f"Queued **{job.name}** as job `{job.id}`; jobs run one at a time in the background."
+    token = job.config.get("token")
+    if token and token != asked_token:
+        text += (f"\n\nThe identifier *{asked_token}* is already used by another adapter on this base model, so this "
+                 f"subject is called **{token}**: prompt with *a photo of {token} {job.config.get('class_noun', '')}*.")
+    return text
 
 
 def error_markdown(error: UserError | str) -> str:

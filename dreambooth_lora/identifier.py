@@ -55,8 +55,8 @@ def choose_identifier(token: str, taken: set[str], trains_embedding: bool, users
     if not trains_embedding:
         raise UserError(
             f"The identifier {token!r} is already used{by} on this base model, and with a frozen identifier embedding "
-            "two subjects with one identifier cannot be told apart, nor mixed. Choose another --token, or pass "
-            "--train-token-embedding (then it gets a token of its own).")
+            "two subjects with one identifier cannot be told apart, nor mixed. Choose another --token, or train its "
+            "embedding (--train-token-embedding) so that it gets a token of its own.")
     for number in range(2, 10_000):
         candidate = f"{token[:32 - len(str(number))]}{number}"
         if candidate.lower() not in taken:

@@ -210,3 +210,22 @@ def test_training_samples_say_their_step_and_which_prompt():
 def test_the_library_gallery_grows_a_row_at_a_time():
     assert views.gallery_height(0, 6) == views.gallery_height(6, 6) == 260
     assert views.gallery_height(9, 6) == 460  # the second row from the seventh adapter on is shown, not cut off
+
+
+def test_start_says_which_identifier_the_subject_got_and_refusals_name_the_form_fields(tmp_path, subject_images):
+    from dreambooth_lora.adapter_file import AdapterFile, store_adapter
+    from dreambooth_lora.errors import UserError
+    from dreambooth_lora.jobs import Jobs
+
+    library = Library(tmp_path / "data")
+    store_adapter(library, AdapterFile({}, {}, {"name": "ball", "token": "sks", "class_noun": "ball",
+                                                "base_model": "builtin:tiny-random"}))
+    jobs = Jobs(library)
+    config = TrainConfig(token="sks", class_noun="box", base_model="builtin:tiny-random")  # embedding: auto (on here)
+    text = views.queued_message(jobs.get(jobs.create(config, subject_images)), "sks")
+    assert "so this subject is called **sks2**: prompt with *a photo of sks2 box*" in text
+    with pytest.raises(UserError) as refused:
+        jobs.create(TrainConfig(token="sks", class_noun="box", base_model="builtin:tiny-random",
+                                train_token_embedding=False), subject_images)
+    shown = views.ui_error_text(refused.value)
+    assert "Choose another Token, or train its embedding (Train token embedding: on)" in shown and "--" not in shown
