@@ -135,6 +135,9 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
             loss_plot = gr.LinePlot(x="step", y="loss", color="curve", title="Training loss (blue: per step, orange: smoothed)",
                                     color_map={"loss": "#4c78a8", "smoothed": "#f58518"}, height=260,
                                     label="Loss", elem_id="loss-plot")
+            meter_plot = gr.LinePlot(x="step", y="value", color="curve", title="Meter", height=220, visible=False,
+                                     color_map={"instance loss": "#4c78a8", "prior drift": "#f58518"},
+                                     label="Meter (train --meter-every)", elem_id="meter-plot")
             samples = gr.Gallery(label="Samples while training", columns=4, height=150, interactive=False, fit_columns=False,
                                  elem_id="train-samples")
             with gr.Row():
@@ -195,7 +198,7 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
 
     settings_upload.upload(settings_imported, settings_upload, set(form) | {settings_message})
 
-    job_outputs = {jobs_table, job_choice, job_status, monitor, loss_plot, samples, cancel, resume, again, delete_job,
+    job_outputs = {jobs_table, job_choice, job_status, monitor, loss_plot, meter_plot, samples, cancel, resume, again, delete_job,
                    export_settings, job_log, seen}
 
     def refresh(selected, last_seen):
@@ -213,13 +216,15 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
     def job_view(job) -> dict:
         """Status text, loss plot, samples and which buttons apply, for one job (None: there are none)."""
         if job is None:
-            return {job_status: views.NO_JOBS, monitor: "", loss_plot: None, samples: [], cancel: gr.update(visible=False),
+            return {job_status: views.NO_JOBS, monitor: "", loss_plot: None, meter_plot: gr.update(visible=False), samples: [], cancel: gr.update(visible=False),
                     resume: gr.update(visible=False), again: gr.update(visible=False), delete_job: gr.update(visible=False),
                     export_settings: gr.update(visible=False), job_log: ""}
         jobs = Jobs(library)
         # by stem: step-00002 before step-00002-1 (by name, "-" sorts before ".", putting the second prompt's first)
         sample_files = sorted((job.folder / "samples").glob("step-*.png"), key=lambda p: p.stem)
+        meter = views.meter_frame(job.meter_record)
         return {
+            meter_plot: gr.update(value=meter, visible=meter is not None, title=views.meter_title(job.meter_record)),
             job_status: views.job_text(jobs, job), monitor: views.monitor_text(job, jobs.phases(job.id)),
             loss_plot: views.loss_frame(job.losses), job_log: jobs.read_log(job.id), export_settings: gr.update(visible=True),
             samples: [(str(p), views.sample_caption(p.stem, job.config.get("sample_prompts") or ())) for p in sample_files],

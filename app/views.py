@@ -202,6 +202,22 @@ def loss_frame(losses: list[float]) -> pd.DataFrame | None:
                          "curve": ["loss"] * len(losses) + ["smoothed"] * len(losses)})
 
 
+def meter_frame(record: dict) -> pd.DataFrame | None:
+    """The meter plot's data (dreambooth_lora/meter.py): the photos' probe loss and the prior drift per measured step,
+    as two series; None when the meter was off or has not measured yet."""
+    points = record.get("meter") or []
+    if not points:
+        return None
+    steps = [p["step"] for p in points]
+    return pd.DataFrame({"step": steps * 2, "value": [p["instance_loss"] for p in points] + [p["prior_drift"] for p in points],
+                         "curve": ["instance loss"] * len(points) + ["prior drift"] * len(points)})
+
+
+def meter_title(record: dict) -> str:
+    chosen = record.get("chosen_step")
+    return "Meter (blue: photos' loss, orange: prior drift)" + (f" · chose step {chosen}" if chosen else "")
+
+
 def sample_caption(stem: str, prompts) -> str:
     """A training sample's caption from its file name (step-00050, step-00050-1: the second sample prompt's); short,
     as thumbnails cut captions off: with several prompts, their numbers, which job_text lists."""

@@ -229,3 +229,13 @@ def test_start_says_which_identifier_the_subject_got_and_refusals_name_the_form_
                                 train_token_embedding=False), subject_images)
     shown = views.ui_error_text(refused.value)
     assert "Choose another Token, or train its embedding (Train token embedding: on)" in shown and "--" not in shown
+
+
+def test_the_meter_plot_has_both_curves_and_says_the_chosen_step():
+    assert views.meter_frame({}) is None  # the meter off: no plot
+    record = {"meter": [{"step": 2, "instance_loss": 0.5, "prior_drift": 0.01},
+                        {"step": 4, "instance_loss": 0.4, "prior_drift": 0.02}], "chosen_step": 4}
+    frame = views.meter_frame(record)
+    assert list(frame["curve"]) == ["instance loss"] * 2 + ["prior drift"] * 2
+    assert list(frame["value"]) == [0.5, 0.4, 0.01, 0.02] and list(frame["step"]) == [2, 4, 2, 4]
+    assert views.meter_title(record).endswith("chose step 4")
