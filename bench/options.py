@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """The option rows on builtin:tiny-world, judged by the world's analyser: min-SNR-γ (γ = 5), noise offset (0.05),
+a cosine learning-rate schedule,
 and the meter's chosen checkpoint beside the final one (dreambooth_lora/bench/options.py).
 
 Every row trains each shipped subject at λ = 1 with seeds 0 and 1 (--quick: one subject, seed 0) with the product's
@@ -17,7 +18,7 @@ import json
 import os
 import sys
 
-from dreambooth_lora.bench.options import COLUMNS, plan, summarise
+from dreambooth_lora.bench.options import COLUMNS, VARIANTS, plan, summarise
 from dreambooth_lora.bench.quality import run_tasks
 
 
@@ -50,9 +51,14 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=32, help="images per prompt (default 32)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="single-threaded worker processes")
     parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU", help="what to call this machine in the report")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                        help="only these rows (defaults, defaults+meter, min-snr-5, noise-offset-0.05, cosine-lr; default: all but defaults, "
+                             "which defaults+meter equals)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds (default 0 1)")
     parser.add_argument("--work", default=None, help="folder for the runs' libraries and class images (default: a temporary one)")
     args = parser.parse_args()
-    report = run_tasks(plan(args.quick, args.samples), args.workers, args.machine, args.work,
+    variants = args.variants or [name for name in VARIANTS if name != "defaults"]
+    report = run_tasks(plan(args.quick, args.samples, variants, args.seeds), args.workers, args.machine, args.work,
                        on_row=lambda row: print(json.dumps(row), file=sys.stderr, flush=True))
     report["summary"] = summarise(report["runs"])
     print_tables(report, sys.stderr if args.json else sys.stdout)

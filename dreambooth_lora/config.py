@@ -12,6 +12,7 @@ ADAPTER_TYPES = ("lora", "dora", "loha", "lokr")  # adapter_types.ADAPTER_TYPES;
 QLORA_TYPES = ("lora", "dora")  # PEFT has no 4-bit LoHa/LoKr
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+LR_SCHEDULES = ("constant", "cosine")
 KEEP_CHOICES = ("final", "best", "both")
 STEPS_PER_IMAGE_REAL = 150  # DreamBooth/LoRA practice: 800-1500 steps for 5 images at 512 px
 CLASS_IMAGES_REAL = 200  # DreamBooth paper's N for prior preservation
@@ -70,6 +71,7 @@ class TrainConfig:
     # --- the objective and the meter (README "Quality" has each measured: bench/options.py) ---
     snr_gamma: float = 0.0  # min-SNR-γ weighting (Hang et al. 2023; kohya suggests 5); 0: off
     noise_offset: float = 0.0  # offset noise (Guttenberg 2023; 0.05-0.1 in practice); 0: off
+    lr_schedule: str = "constant"  # or cosine: the rate falls to 0 at the last step (losses.lr_factor)
     meter_every: int = 0  # measure instance loss and prior drift every K steps, with a checkpoint at each; 0: off
     keep: str = "final"  # what goes to the library: the final weights, the meter's chosen point, or both
 
@@ -121,6 +123,8 @@ class TrainConfig:
             raise UserError(f"--mixed-precision {self.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}.")
         if not 0 <= self.snr_gamma <= 1000:
             raise UserError(f"--snr-gamma {self.snr_gamma}: must be from 0 (off) to 1000; 5 is the usual value.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"--lr-schedule {self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}.")
         if not 0 <= self.noise_offset <= 1:
             raise UserError(f"--noise-offset {self.noise_offset}: must be from 0 (off) to 1; 0.05-0.1 is usual.")
         _check_range("--meter-every", self.meter_every, 0, 100_000)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -50,3 +52,12 @@ def offset_noise(noise: torch.Tensor, offset: float, generator: torch.Generator)
     so the model also learns to shift an image's mean brightness and colour."""
     shift = torch.randn(noise.shape[:2] + (1,) * (noise.dim() - 2), generator=generator, device=generator.device)
     return noise + offset * shift.to(noise.device, noise.dtype)
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """The learning rate of step `step` (0-based) of `total` as a share of the base rate: constant 1, or cosine from 1
+    down towards 0 at the last step (Loshchilov & Hutter 2017, without restarts or warm-up). A pure function of the
+    step, so a resumed run needs no scheduler state (diffusers' get_scheduler is a LambdaLR that would)."""
+    if schedule == "constant" or total <= 1:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))

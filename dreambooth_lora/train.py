@@ -27,7 +27,7 @@ from .lora import (
     collect_adapter_tensors,
     lora_parameters,
 )
-from .losses import min_snr_weights, offset_noise, prior_preservation_loss
+from .losses import lr_factor, min_snr_weights, offset_noise, prior_preservation_loss
 from .meter import Meter, meter_due
 from .models import BaseModel, load_base_model
 from .paths import atomic_path, prior_root
@@ -165,6 +165,7 @@ def prepare_run(config: TrainConfig, job_dir: Path, prior_dir: Path | None, on_p
                                       job_dir / METER_FILE, job_dir / METER_CHECKPOINTS)
     if run.checkpoint_path.exists():
         weights, run.step, run.losses = load_checkpoint(run.checkpoint_path, optimizer, generator)
+        with_base_lrs(optimizer)  # a checkpoint from before the schedule has no base_lr: its rate was constant
         trainables.load_tensors(weights)
         on_progress(Progress("training", run.step, config.steps, run.losses[-1] if run.losses else None,
                              f"resumed at step {run.step}"))
@@ -215,6 +216,9 @@ def training_step(run: Run) -> torch.Tensor:
     run.scaler.unscale_(run.optimizer)
     fault_point("step")  # mid-step: gradients computed, weights not yet updated
     torch.nn.utils.clip_grad_norm_(run.trainables.parameters, 1.0)
+    factor = lr_factor(run.config.lr_schedule, run.step, run.config.steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -537,12 +541,19 @@ def make_optimizer(trainables: Trainables, config: TrainConfig, device=torch.dev
         try:
             import bitsandbytes
 
-            return bitsandbytes.optim.AdamW8bit(groups, lr=config.lr, weight_decay=1e-2)
+            return with_base_lrs(bitsandbytes.optim.AdamW8bit(groups, lr=config.lr, weight_decay=1e-2))
         except ImportError:
             on_progress(Progress("preparing", message="--low-memory: bitsandbytes is not installed, so AdamW keeps "
                                                       "32-bit state (LoRA's optimizer state is small either way)."))
     fused = config.fused_adam and device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=1e-2, fused=fused or None)
+    return with_base_lrs(torch.optim.AdamW(groups, lr=config.lr, weight_decay=1e-2, fused=fused or None))
+
+
+def with_base_lrs(optimizer):
+    """Each group's own rate kept as `base_lr` (it travels in the checkpoint's optimizer state): the schedule scales it."""
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+    return optimizer
 
 
 def write_samples(entry: AdapterEntry, model: BaseModel, trainables: Trainables, config: TrainConfig) -> None:
@@ -587,7 +598,7 @@ def save_adapter(library: Library, model: BaseModel, trainables: Trainables, con
         "training_seconds": round(training_seconds, 1) if training_seconds is not None else None,
         "sample_prompts": list(config.prompts_to_sample),
         "prompt_similarity": round(trainables.separation, 4), "studio_version": __version__,
-        "snr_gamma": config.snr_gamma, "noise_offset": config.noise_offset, **(extra_meta or {}),
+        "snr_gamma": config.snr_gamma, "noise_offset": config.noise_offset, "lr_schedule": config.lr_schedule, **(extra_meta or {}),
     }
     return store_adapter(library, AdapterFile.from_tensors(trainables.tensors(), meta, config.lora_alpha, config.rank),
                          photos=photos)

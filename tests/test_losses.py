@@ -94,3 +94,12 @@ def test_offset_noise_shifts_each_sample_and_channel_by_offset_times_a_seeded_no
     # so each channel's mean moves by that amount, and the per-channel means spread wider than without it
     assert torch.allclose(shifted.mean(dim=(2, 3)) - noise.mean(dim=(2, 3)), expected[:, :, 0, 0], atol=1e-6)
     assert torch.equal(offset_noise(noise, 0.0, torch.Generator().manual_seed(7)), noise)
+
+
+def test_the_cosine_schedule_falls_from_the_base_rate_to_zero_and_constant_stays():
+    from dreambooth_lora.losses import lr_factor
+
+    assert [lr_factor("constant", s, 10) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    cosine = [lr_factor("cosine", s, 10) for s in range(10)]
+    assert cosine[0] == 1.0 and abs(cosine[5] - 0.5) < 1e-12 and cosine[9] < 0.03
+    assert all(a > b for a, b in zip(cosine, cosine[1:]))  # strictly falling

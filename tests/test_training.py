@@ -265,16 +265,19 @@ def test_qlora_trains_lora_and_leaves_4bit_weights_alone(tmp_path, session_subje
 
 # ----- interrupt and resume -----
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(tmp_path, session_subject_images,
-                                                                               session_prior_dir):
+                                                                               session_prior_dir, schedule):
+    """With the cosine schedule too: each group's base rate travels in the checkpoint and the rate of a step is a
+    function of the step alone."""
     steps, stop_after = 8, 3
     # the uninterrupted run in a library of its own: in one library the second subject would get "sks2"
     alone = Library(tmp_path / "alone")
-    whole = run_training(alone, create_job(alone, tiny_config("whole", steps=steps), session_subject_images),
-                         session_prior_dir)
+    whole = run_training(alone, create_job(alone, tiny_config("whole", steps=steps, lr_schedule=schedule),
+                                           session_subject_images), session_prior_dir)
     library = Library(tmp_path / "data")
 
-    job = create_job(library, tiny_config("resumed", steps=steps), session_subject_images)
+    job = create_job(library, tiny_config("resumed", steps=steps, lr_schedule=schedule), session_subject_images)
     seen = []
 
     def stop_after_k():
@@ -313,3 +316,15 @@ def test_a_run_depends_on_its_seed_alone_not_on_what_ran_before_in_the_process(t
     left, right = adapters
     assert left.keys() == right.keys()
     assert all(torch.equal(left[k], right[k]) for k in left)
+
+
+def test_the_cosine_schedule_changes_the_run(tmp_path, session_subject_images, session_prior_dir):
+    runs = {}
+    for schedule in ("constant", "cosine"):
+        library = Library(tmp_path / schedule)
+        result = run_training(library, create_job(library, tiny_config(schedule, steps=4, lr_schedule=schedule),
+                                                  session_subject_images), session_prior_dir)
+        runs[schedule] = read_adapter(result.adapter.file).tensors
+        assert result.adapter.meta["lr_schedule"] == schedule
+    assert runs["constant"].keys() == runs["cosine"].keys()
+    assert not all(torch.equal(runs["constant"][k], runs["cosine"][k]) for k in runs["constant"])

@@ -11,23 +11,30 @@ from .quality import SCORES, Run, Settings
 
 METER_EVERY = 50  # 8 points in the built-ins' 400 steps
 VARIANTS = {
+    "defaults": Settings(),  # the reference for a run of chosen rows (--variants defaults cosine-lr)
     "defaults+meter": Settings(meter_every=METER_EVERY),
     "min-snr-5": Settings(snr_gamma=5.0),  # Hang et al. 2023's and kohya's gamma
     "noise-offset-0.05": Settings(noise_offset=0.05),
+    "cosine-lr": Settings(lr_schedule="cosine"),
 }
 COLUMNS = (*SCORES, "class_diversity_tv", "train_seconds")
 
 
-def plan(quick: bool, samples: int = 32) -> list[tuple[Run, Settings]]:
-    """Quick: one subject, seed 0. Full: every subject x seeds 0 and 1; lambda = 1 throughout."""
+def plan(quick: bool, samples: int = 32, variants=None, seeds=None) -> list[tuple[Run, Settings]]:
+    """Quick: one subject, seed 0. Full: every subject x seeds 0 and 1 (or `seeds`); lambda = 1 throughout;
+    `variants` picks rows by name (default all)."""
     from dataclasses import replace
 
     from ..tinyworld import world
 
+    unknown = set(variants or ()) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {sorted(unknown)}; choose from {sorted(VARIANTS)}")
     subjects = list(world.SUBJECTS)[: 1 if quick else None]
-    seeds = [0] if quick else [0, 1]
+    seeds = [0] if quick else list(seeds or [0, 1])
     return [(Run(subject, 1.0, seed, "none", variant), replace(settings, samples=samples))
-            for variant, settings in VARIANTS.items() for subject in subjects for seed in seeds]
+            for variant, settings in VARIANTS.items() if not variants or variant in variants
+            for subject in subjects for seed in seeds]
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -55,6 +55,7 @@ class Settings:
     snr_gamma: float = 0.0
     noise_offset: float = 0.0
     meter_every: int = 0  # on: keep both, and the row also scores the meter's chosen point ("chosen")
+    lr_schedule: str = "constant"
 
 
 def prompts(cls: str) -> dict[str, str]:
@@ -189,6 +190,7 @@ def train_and_evaluate(run: Run, settings: Settings, work: Path) -> dict:
     config = TrainConfig(token=TOKEN, class_noun=subject.cls, base_model=MODEL, name=run.name,
                          prior_weight=run.prior_weight, seed=run.seed, text_encoder=run.text_encoder,
                          snr_gamma=settings.snr_gamma, noise_offset=settings.noise_offset, adapter_type=settings.adapter_type,
+                         lr_schedule=settings.lr_schedule,
                          meter_every=settings.meter_every, keep="both" if settings.meter_every else "final", **overrides)
     library = Library(work / f"data-{run.name}")  # one library per run: workers never share a database
     job = create_job(library, config, world.subject_image_paths(run.subject))
