@@ -63,9 +63,12 @@ def training(jobs: Jobs, job_id: str):
 
 
 def test_serve_leaves_a_live_cli_training_running(tmp_path, dirs):
+    # SIGINT at its default, as in a terminal where a person presses Ctrl-C: a test run started in the background of a
+    # non-interactive shell (`... &`) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
     train = subprocess.Popen(cli("train", "--images", *IMAGES, "--token", "sks", "--class-noun", "box", "--quiet",
                                  "--base-model", "builtin:tiny-random", "--steps", 100_000, "--num-class-images", 1, *dirs),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     jobs = Jobs(Library(tmp_path / "data"))
     try:
         job_id = wait_until(lambda: [j.id for j in jobs.list()], 120, "the CLI job exists")[0]
