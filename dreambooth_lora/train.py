@@ -24,6 +24,7 @@ from .identifier import IdentifierEmbedding, from_file_tensors
 from .lora import (
     attach_text_encoder_lora,
     attach_unet_lora,
+    ADAPTER_NAME,
     collect_adapter_tensors,
     lora_parameters,
 )
@@ -32,6 +33,7 @@ from .meter import Meter, meter_due
 from .models import BaseModel, load_base_model
 from .paths import atomic_path, prior_root
 from .prior import PriorSettings, ensure_prior_images, load_prior_images
+from .research_types import RESEARCH_TYPES, load_trained_state, unet_lora_layers
 
 SAMPLE_COUNT = 4
 # The identifier may grow to this many times a typical word embedding's norm. On the tiny world a
@@ -458,7 +460,10 @@ class Trainables:
         from peft import set_peft_model_state_dict
 
         strip = lambda prefix: {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-        set_peft_model_state_dict(self.model.unet, strip("unet."), adapter_name="default")
+        if self.config.adapter_type in RESEARCH_TYPES:
+            load_trained_state(self.model.unet, self.config.adapter_type, tensors)
+        else:
+            set_peft_model_state_dict(self.model.unet, strip("unet."), adapter_name="default")
         if self.config.text_encoder != "none":
             set_peft_model_state_dict(self.model.text_encoder, strip("text_encoder."), adapter_name="default")
         if self.identifier is not None:
@@ -479,7 +484,7 @@ def attach_trainables(model: BaseModel, config: TrainConfig, device, weight_dtyp
     with torch.no_grad():
         states = trainables.encode()
         trainables.separation = torch.nn.functional.cosine_similarity(states[0].flatten(), states[1].flatten(), dim=0).item()
-    attach_unet_lora(model.unet, config.rank, config.lora_alpha, config.adapter_type)
+    attach_unet_lora(model.unet, config.rank, config.lora_alpha, config.adapter_type, config.qr_energy)
     if config.text_encoder in ("lora", "qlora"):
         attach_text_encoder_lora(model.text_encoder, config.rank, config.lora_alpha)
     if identifier is not None:
@@ -578,5 +583,14 @@ def save_adapter(library: Library, model: BaseModel, trainables: Trainables, con
         "prompt_similarity": round(trainables.separation, 4), "studio_version": __version__,
         "snr_gamma": config.snr_gamma, "noise_offset": config.noise_offset, **(extra_meta or {}),
     }
-    return store_adapter(library, AdapterFile.from_tensors(trainables.tensors(), meta, config.lora_alpha, config.rank))
+    tensors = trainables.tensors()
+    if config.adapter_type not in RESEARCH_TYPES:
+        return store_adapter(library, AdapterFile.from_tensors(tensors, meta, config.lora_alpha, config.rank))
+    # qrlora/vera: the UNet layers stored as their exact LoRA factors; the type and the count of learned values
+    # (lambdas or vectors, not the factors' size) recorded in the metadata (research_types.py)
+    meta["trainable_params"] = sum(p.numel() for p in trainables.parameters)
+    adapter = AdapterFile.from_tensors({k: v for k, v in tensors.items() if not k.startswith("unet.")}, meta,
+                                       config.lora_alpha, config.rank)
+    adapter.layers.update(unet_lora_layers(model.unet, config.adapter_type, ADAPTER_NAME))
+    return store_adapter(library, adapter)
 
