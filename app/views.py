@@ -62,7 +62,8 @@ ADAPTER_TYPE_INFO = ("the UNet's adapter; rank and alpha scale it as alpha/rank.
                      "magnitude per output row. loha: two rank-r products multiplied elementwise. lokr: a Kronecker "
                      "product, its second factor of rank r when r is below half its size. qrlora: r learned values per "
                      "layer on a pivoted QR of the frozen weight. vera: two learned vectors per layer on shared random "
-                     "projections of rank r. qrlora and vera take no alpha and are saved as exact LoRA")
+                     "projections of rank r. adalora: ranks moved between layers, rank r on average at the end. qrlora and "
+                     "vera take no alpha; all three are saved as exact LoRA")
 
 
 def train_config(num_images, token, class_noun, name, base_model, preset, steps, rank, alpha, prior_weight,

@@ -240,8 +240,8 @@ def store_adapter(library: Library, adapter: AdapterFile, samples=()) -> Adapter
     meta = {**adapter.meta, "id": library.new_adapter_id(), "created": time.time(),
             "rank": adapter.max_rank, "alpha": adapter.common_alpha,
             "adapter_type": adapter.adapter_type, "trainable_params": adapter.num_params}
-    if adapter.meta.get("adapter_type") in ("qrlora", "vera") and adapter.adapter_type == "lora":
-        # trained as qrlora/vera, stored as their exact LoRA factors: the type and learned-value count as trained
+    if adapter.meta.get("adapter_type") in ("qrlora", "vera", "adalora") and adapter.adapter_type == "lora":
+        # trained as qrlora/vera/adalora, stored as their exact LoRA factors: the type and learned-value count as trained
         meta.update(adapter_type=adapter.meta["adapter_type"], trainable_params=adapter.meta.get("trainable_params", adapter.num_params),
                     stored_as="lora")
     staging = library.staging_folder()

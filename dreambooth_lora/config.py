@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from .errors import UserError
 
 TEXT_ENCODER_MODES = ("none", "lora", "qlora")
-ADAPTER_TYPES = ("lora", "dora", "loha", "lokr", "qrlora", "vera")  # adapter_types.py, research_types.py; named here to keep config import-light
-QLORA_TYPES = ("lora", "dora", "qrlora", "vera")  # PEFT has no 4-bit LoHa/LoKr; qrlora/vera are stored as LoRA
+ADAPTER_TYPES = ("lora", "dora", "loha", "lokr", "qrlora", "vera", "adalora")  # adapter_types.py, research_types.py; named here to keep config import-light
+QLORA_TYPES = ("lora", "dora", "qrlora", "vera", "adalora")  # PEFT has no 4-bit LoHa/LoKr; qrlora/vera are stored as LoRA
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 KEEP_CHOICES = ("final", "best", "both")
@@ -99,7 +99,7 @@ class TrainConfig:
         if self.adapter_type not in ADAPTER_TYPES:
             raise UserError(f"--adapter-type {self.adapter_type!r}: choose one of {', '.join(ADAPTER_TYPES)}.")
         if self.text_encoder == "qlora" and self.adapter_type not in QLORA_TYPES:
-            raise UserError(f"--text-encoder qlora pairs with --adapter-type lora, dora, qrlora or vera only (PEFT has "
+            raise UserError(f"--text-encoder qlora pairs with --adapter-type lora, dora, qrlora, vera or adalora only (PEFT has "
                             f"no 4-bit {self.adapter_type}); use --text-encoder lora or none.")
         if self.alpha is not None and self.adapter_type in ("qrlora", "vera"):
             raise UserError(f"--alpha does not apply to --adapter-type {self.adapter_type}: its learned vectors set the scale.")

@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
 from .adapter_types import TRAINABLE_MARKERS, adapter_type
 from .identifier import IdentifierEmbedding
-from .research_types import attach_qrlora, qrlora_disabled, qrlora_layers, trained_state, vera_config, vera_layers
+from .research_types import attach_qrlora, qrlora_disabled, research_kind, trained_state, vera_config
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections (DreamBooth-LoRA)
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -26,7 +26,8 @@ def lora_config(rank: int, alpha: float, targets: list[str]) -> LoraConfig:
 
 def attach_unet_lora(unet, rank: int, alpha: float, kind: str = "lora", qr_energy: float | None = None):
     """The adapter type `kind` (lora, dora, loha, lokr, qrlora, vera) on the UNet's attention projections, equal to
-    the base at init. qrlora is ours (research_types.py), not PEFT's: it returns no config."""
+    the base at init. qrlora is ours (research_types.py), not PEFT's: it returns no config. adalora needs the run's
+    step count and a tuner the loop calls: research_types.attach_adalora."""
     if kind == "qrlora":
         attach_qrlora(unet, rank, UNET_TARGETS, qr_energy)
         return None
@@ -56,8 +57,9 @@ def lora_parameters(module) -> list[torch.nn.Parameter]:
 
 def collect_adapter_tensors(unet, text_encoder=None, identifier: IdentifierEmbedding | None = None) -> dict[str, torch.Tensor]:
     """The trained adapter weights in diffusers' layout (`unet.` / `text_encoder.` prefixes), in fp32."""
-    if qrlora_layers(unet) or vera_layers(unet):  # their learned vectors; the file gets LoRA factors (save_adapter)
-        tensors = trained_state(unet, "qrlora" if qrlora_layers(unet) else "vera")
+    kind = research_kind(unet)
+    if kind is not None:  # qrlora/vera/adalora: their own parameters; the file gets LoRA factors (train.save_adapter)
+        tensors = trained_state(unet, kind)
     else:
         tensors = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
     if text_encoder is not None and any(any(m in n for m in TRAINABLE_MARKERS) for n, _ in text_encoder.named_parameters()):

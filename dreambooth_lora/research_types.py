@@ -1,9 +1,12 @@
-"""Adapter types that train a handful of vectors and are stored as exact LoRA factors: QR-LoRA and VeRA.
+"""Adapter types stored as exact LoRA factors: QR-LoRA, VeRA (a handful of learned vectors) and AdaLoRA.
 
 QR-LoRA (arXiv 2508.21810; PEFT has none): per targeted Linear, a column-pivoted QR of the frozen weight,
 W0 P = Q R; keep the first r columns of Q (by |R_ii|, which pivoting makes decreasing) and learn only
 delta W = Q_r diag(lambda) R_r P^T = Q_r diag(lambda) Q_r^T W0 (R = Q^T W0 P). lambda starts at 0: step 0 is the
 base model. VeRA (PEFT `VeraConfig`): frozen shared random A, B and learned vectors, delta W = (Lb B)(Ld A).
+AdaLoRA (PEFT `AdaLoraConfig`): delta W = B (A * E) alpha / r, an SVD-like P Lambda Q whose rank budget PEFT's rank
+allocator moves between layers each step (`update_and_allocate`), with its orthogonality term added here (PEFT
+adds it only to a model output with `.loss`, which the UNet's has not).
 
 Both deltas are exact rank-r products, so the adapter file stores them as plain LoRA layers (down [r, in],
 up [out, r], alpha = r, scale 1) with the type in the metadata: generation, mixing and the formats work on them
@@ -19,9 +22,10 @@ from torch import nn
 
 from .adapter_types import LoRA
 
-RESEARCH_TYPES = ("qrlora", "vera")
+RESEARCH_TYPES = ("qrlora", "vera", "adalora")
 QRLORA_MARKER = "qrlora"  # the parameter-name part of QR-LoRA's lambdas: `<module>.qrlora.lam`
 VERA_MARKER = "vera_lambda"
+ADAPTER_NAME_DEFAULT = "default"  # lora.ADAPTER_NAME (not imported: lora.py imports this module)
 
 
 # ----- QR-LoRA -----
@@ -132,20 +136,81 @@ def vera_factors(layer, adapter_name: str) -> LoRA:
     return LoRA((lambda_d[:, None] * a).contiguous(), (lambda_b[:, None] * b).contiguous(), float(a.shape[0]))
 
 
-# ----- both: state for checkpoints, LoRA factors for the file, switching off -----
+# ----- AdaLoRA -----
+
+ADALORA_ORTH_WEIGHT = 0.5  # PEFT's default orth_reg_weight
+ADALORA_INIT_FACTOR = 1.5  # start at 1.5 x the target average rank, as PEFT's defaults (init_r 12, target_r 8)
+
+
+def attach_adalora(unet, rank: int, alpha: float, steps: int, targets: list[str]):
+    """AdaLoRA on the UNet; returns PEFT's tuner, whose `update_and_allocate(step)` must follow every optimizer step.
+
+    Budget schedule over the run: full rank for the first tenth (tinit), shrinking to `rank` on average, fixed for
+    the last fifth (tfinal); PEFT requires tinit < total_step - tfinal."""
+    import math
+
+    from peft import AdaLoraConfig
+    from peft.tuners.adalora import AdaLoraModel
+
+    tinit, tfinal = (steps // 10, steps // 5) if steps >= 5 else (0, 0)
+    config = AdaLoraConfig(target_r=rank, init_r=math.ceil(ADALORA_INIT_FACTOR * rank), lora_alpha=alpha,
+                           total_step=steps, tinit=tinit, tfinal=tfinal, deltaT=1, target_modules=targets,
+                           orth_reg_weight=ADALORA_ORTH_WEIGHT, lora_dropout=0.0)
+    return AdaLoraModel(unet, config, ADAPTER_NAME_DEFAULT)
+
+
+def adalora_orthogonality(unet) -> torch.Tensor:
+    """PEFT's AdaLoraModel.forward term: the mean over A and B of ||A A^T - I||_F and ||B^T B - I||_F, times its weight."""
+    terms = []
+    for name, param in unet.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and param.requires_grad and param.numel():
+            cov = param @ param.T if "lora_A" in name else param.T @ param
+            terms.append(torch.norm(cov - torch.eye(*cov.shape, out=torch.empty_like(cov)), p="fro"))
+    return ADALORA_ORTH_WEIGHT * torch.stack(terms).mean()
+
+
+def adalora_factors(layer, adapter_name: str) -> LoRA:
+    """B (A * E) s / (ranknum + 1e-5) as LoRA factors; ranks the allocator pruned (E = 0) are dropped exactly."""
+    e = layer.lora_E[adapter_name].detach().float().cpu().reshape(-1)
+    kept = (e != 0).nonzero().reshape(-1)
+    if kept.numel() == 0:
+        kept = torch.tensor([0])  # an all-pruned layer: one zero rank, so the file still has the layer
+    scale = layer.scaling[adapter_name] / (float(layer.ranknum[adapter_name]) + 1e-5)
+    down = (layer.lora_A[adapter_name].detach().float().cpu() * e[:, None])[kept]
+    up = layer.lora_B[adapter_name].detach().float().cpu()[:, kept] * scale
+    return LoRA(down.contiguous(), up.contiguous(), float(kept.numel()))
+
+
+# ----- all three: state for checkpoints, LoRA factors for the file, switching off -----
+
+def research_kind(unet) -> str | None:
+    """Which of these types the UNet carries, if any."""
+    from peft.tuners.adalora import AdaLoraLayer
+
+    if qrlora_layers(unet):
+        return "qrlora"
+    if vera_layers(unet):
+        return "vera"
+    return "adalora" if any(isinstance(m, AdaLoraLayer) for m in unet.modules()) else None
+
 
 def unet_lora_layers(unet, kind: str, adapter_name: str) -> dict[str, LoRA]:
     """The trained UNet layers as exact LoRA layers keyed `unet.<module>` (the adapter file's keys)."""
     if kind == "qrlora":
         return {f"unet.{name}": layer.factors() for name, layer in qrlora_layers(unet).items()}
+    if kind == "adalora":
+        from peft.tuners.adalora import AdaLoraLayer
+
+        return {f"unet.{name}": adalora_factors(m, adapter_name) for name, m in unet.named_modules()
+                if isinstance(m, AdaLoraLayer)}
     return {f"unet.{name}": vera_factors(layer, adapter_name) for name, layer in vera_layers(unet).items()}
 
 
 def trained_state(unet, kind: str) -> dict[str, torch.Tensor]:
     """The learned vectors by parameter name (checkpoints and meter points hold these, not the LoRA factors)."""
-    marker = QRLORA_MARKER if kind == "qrlora" else VERA_MARKER
+    marker = {"qrlora": QRLORA_MARKER, "vera": VERA_MARKER, "adalora": "lora_"}[kind]
     return {f"unet.{name}": p.detach().to("cpu", torch.float32).clone() for name, p in unet.named_parameters()
-            if marker in name}
+            if marker in name and p.requires_grad}
 
 
 def load_trained_state(unet, kind: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -25,6 +25,7 @@ from .lora import (
     attach_text_encoder_lora,
     attach_unet_lora,
     ADAPTER_NAME,
+    UNET_TARGETS,
     collect_adapter_tensors,
     lora_parameters,
 )
@@ -33,7 +34,7 @@ from .meter import Meter, meter_due
 from .models import BaseModel, load_base_model
 from .paths import atomic_path, prior_root
 from .prior import PriorSettings, ensure_prior_images, load_prior_images
-from .research_types import RESEARCH_TYPES, load_trained_state, unet_lora_layers
+from .research_types import RESEARCH_TYPES, adalora_orthogonality, attach_adalora, load_trained_state, unet_lora_layers
 
 SAMPLE_COUNT = 4
 # The identifier may grow to this many times a typical word embedding's norm. On the tiny world a
@@ -213,12 +214,16 @@ def training_step(run: Run) -> torch.Tensor:
 
         weights = min_snr_weights(compute_snr(scheduler, timesteps), run.config.snr_gamma, scheduler.config.prediction_type)
     loss, _, _ = prior_preservation_loss(prediction, target, n_instance, run.config.prior_weight, weights)
+    if run.trainables.allocator is not None:  # AdaLoRA: its orthogonality term (research_types.py)
+        loss = loss + adalora_orthogonality(model.unet)
     run.scaler.scale(loss).backward()  # the scaler is a pass-through unless the run is fp16
     run.scaler.unscale_(run.optimizer)
     fault_point("step")  # mid-step: gradients computed, weights not yet updated
     torch.nn.utils.clip_grad_norm_(run.trainables.parameters, 1.0)
     run.scaler.step(run.optimizer)
     run.scaler.update()
+    if run.trainables.allocator is not None:  # AdaLoRA moves its rank budget from this step's gradients
+        run.trainables.allocator.update_and_allocate(run.step)
     run.optimizer.zero_grad(set_to_none=True)
     run.trainables.after_step()
     return loss.detach()
@@ -423,6 +428,7 @@ class Trainables:
         self.cached: torch.Tensor | None = None
         self.separation = 0.0
         self.max_token_norm = 0.0  # set with the identifier embedding: NORM_ALLOWANCE x a typical word's norm
+        self.allocator = None  # AdaLoRA's PEFT tuner (update_and_allocate after each optimizer step); None otherwise
 
     @property
     def text_encoder_trains(self) -> bool:
@@ -484,7 +490,10 @@ def attach_trainables(model: BaseModel, config: TrainConfig, device, weight_dtyp
     with torch.no_grad():
         states = trainables.encode()
         trainables.separation = torch.nn.functional.cosine_similarity(states[0].flatten(), states[1].flatten(), dim=0).item()
-    attach_unet_lora(model.unet, config.rank, config.lora_alpha, config.adapter_type, config.qr_energy)
+    if config.adapter_type == "adalora":
+        trainables.allocator = attach_adalora(model.unet, config.rank, config.lora_alpha, config.steps, UNET_TARGETS)
+    else:
+        attach_unet_lora(model.unet, config.rank, config.lora_alpha, config.adapter_type, config.qr_energy)
     if config.text_encoder in ("lora", "qlora"):
         attach_text_encoder_lora(model.text_encoder, config.rank, config.lora_alpha)
     if identifier is not None:
