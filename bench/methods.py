@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Adapter types side by side on builtin:tiny-world: LoRA, DoRA, LoHa, LoKr (issue 17), QR-LoRA, VeRA (issue 18). Prints a table, then JSON.
+"""Adapter types side by side on builtin:tiny-world: LoRA, DoRA, LoHa, LoKr (issue 17), QR-LoRA, VeRA, AdaLoRA (issue 18). Prints a table, then JSON.
 
 Each type trains on the redyellow-ball subject with the product's defaults for built-ins (400 steps, rank 8,
 alpha 8, lr 1e-3, identifier embedding, lambda = 1, 64 class images) at seeds 0 and 1, and is judged by the
@@ -28,7 +28,7 @@ from dreambooth_lora.bench.quality import (
 )
 
 SUBJECT = "redyellow-ball"
-TYPES = ("lora", "dora", "loha", "lokr", "qrlora", "vera")
+TYPES = ("lora", "dora", "loha", "lokr", "qrlora", "vera", "adalora")
 COLUMNS = ("subject_fidelity", "prior_leak", "recontext", "recontext_subject", "trainable_params", "file_bytes", "train_seconds")
 
 

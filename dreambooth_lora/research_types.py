@@ -165,7 +165,7 @@ def adalora_orthogonality(unet) -> torch.Tensor:
     for name, param in unet.named_parameters():
         if ("lora_A" in name or "lora_B" in name) and param.requires_grad and param.numel():
             cov = param @ param.T if "lora_A" in name else param.T @ param
-            terms.append(torch.norm(cov - torch.eye(*cov.shape, out=torch.empty_like(cov)), p="fro"))
+            terms.append(torch.norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device), p="fro"))
     return ADALORA_ORTH_WEIGHT * torch.stack(terms).mean()
 
 

@@ -143,6 +143,31 @@ def test_mixing_takes_them_as_lora(trained, tmp_path, capsys, kind):
     assert np.abs(generate(trained, tmp_path, "mix", f"{kind}-mix") - generate(trained, tmp_path, "one", kind)).max() <= 2
 
 
+def test_a_resized_copy_is_plain_lora(trained, capsys):
+    assert main(["library", "--data-root", str(trained), "resize", "qrlora", "--rank", "2", "--name", "qr2"]) == 0
+    capsys.readouterr()
+    entry = Library(trained).get("qr2")
+    assert entry.adapter_type == "lora" and "stored_as" not in entry.meta
+    assert entry.trainable_params == sum(layer.num_params for layer in read_adapter(entry.file).layers.values())
+
+
+def test_qr_energy_keeps_a_rank_per_layer(session_subject_images, session_prior_dir, tmp_path, capsys):
+    root = str(tmp_path / "data")
+    assert main(["train", "--images", *map(str, session_subject_images), "--token", "sks", "--class-noun", "dog",
+                 "--base-model", "builtin:tiny-random", "--steps", "3", "--num-class-images", "2", "--lr", "0.05",
+                 "--no-train-token-embedding", "--adapter-type", "qrlora", "--qr-energy", "0.5", "--name", "e",
+                 "--data-root", root, "--prior-dir", str(session_prior_dir), "--quiet"]) == 0
+    entry = Library(root).get("e")
+    ranks = {key: layer.rank for key, layer in read_adapter(entry.file).layers.items()}
+    assert len(ranks) == 32 and min(ranks.values()) >= 1 and entry.trainable_params == sum(ranks.values())
+    assert len(set(ranks.values())) > 1  # the threshold picks a rank per layer
+    out = tmp_path / "e.safetensors"  # per-layer ranks travel in the rank pattern
+    assert main(["library", "--data-root", root, "export", "e", "--format", "diffusers", "--out", str(out)]) == 0
+    assert main(["library", "--data-root", root, "import", str(out), "--name", "e-back"]) == 0
+    capsys.readouterr()
+    assert {key: layer.rank for key, layer in read_adapter(Library(root).get("e-back").file).layers.items()} == ranks
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_with_a_qlora_text_encoder(session_subject_images, session_prior_dir, tmp_path, capsys, kind):
     """The text encoder's modes stay LoRA (4-bit base under qlora): its layers are saved beside the UNet's factors."""
