@@ -76,7 +76,10 @@ def _int(value):
 
 ADAPTER_TYPE_INFO = ("the UNet's adapter; rank and alpha scale it as alpha/rank. lora: B A of rank r. dora: LoRA plus a "
                      "magnitude per output row. loha: two rank-r products multiplied elementwise. lokr: a Kronecker "
-                     "product, its second factor of rank r when r is below half its size")
+                     "product, its second factor of rank r when r is below half its size. qrlora: r learned values per "
+                     "layer on a pivoted QR of the frozen weight. vera: two learned vectors per layer on shared random "
+                     "projections of rank r. adalora: ranks moved between layers, rank r on average at the end. qrlora and "
+                     "vera take no alpha; all three are saved as exact LoRA")
 # The Train form's fields, in the order train_config takes them (app/ui.py lays the components out in this order).
 FORM_FIELDS = ("token", "class_noun", "name", "base_model", "preset", "steps", "rank", "alpha", "prior_weight",
                "num_class_images", "lr", "resolution", "text_encoder", "loraplus", "seed", "token_embedding",

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Adapter types side by side on builtin:tiny-world: LoRA, DoRA, LoHa, LoKr (issue 17). Prints a table, then JSON.
+"""Adapter types side by side on builtin:tiny-world: LoRA, DoRA, LoHa, LoKr (issue 17), QR-LoRA, VeRA, AdaLoRA (issue 18). Prints a table, then JSON.
 
 Each type trains on the redyellow-ball subject with the product's defaults for built-ins (400 steps, rank 8,
 alpha 8, lr 1e-3, identifier embedding, lambda = 1, 64 class images) at seeds 0 and 1, and is judged by the
@@ -28,7 +28,7 @@ from dreambooth_lora.bench.quality import (
 )
 
 SUBJECT = "redyellow-ball"
-TYPES = ("lora", "dora", "loha", "lokr")
+TYPES = ("lora", "dora", "loha", "lokr", "qrlora", "vera", "adalora")
 COLUMNS = ("subject_fidelity", "prior_leak", "recontext", "recontext_subject", "trainable_params", "file_bytes", "train_seconds")
 
 
@@ -97,13 +97,14 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds (default 0 1)")
     parser.add_argument("--samples", type=int, default=32, help="images per prompt (default 32)")
     parser.add_argument("--steps", type=int, default=None, help="override the default steps (a smoke run)")
+    parser.add_argument("--lr", type=float, default=None, help="override the default learning rate (1e-3 on built-ins)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="single-threaded worker processes")
     parser.add_argument("--work", default=None, help="working folder (default: a new temporary one)")
     parser.add_argument("--markdown", action="store_true", help="print the README table")
     parser.add_argument("--json", action="store_true", help="print the JSON report alone on stdout (tables go to stderr)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="dbl-methods-"))
-    report = run_methods(args.types, args.seeds, Settings(samples=args.samples, steps=args.steps), args.workers, work,
+    report = run_methods(args.types, args.seeds, Settings(samples=args.samples, steps=args.steps, lr=args.lr), args.workers, work,
                          on_row=lambda row: print(json.dumps(row), file=sys.stderr, flush=True))
     out = sys.stderr if args.json else sys.stdout
     print(markdown(report), file=out)

@@ -251,6 +251,10 @@ def store_adapter(library: Library, adapter: AdapterFile, samples=(), photos=())
     meta = {**adapter.meta, "id": library.new_adapter_id(), "created": time.time(),
             "rank": adapter.max_rank, "alpha": adapter.common_alpha,
             "adapter_type": adapter.adapter_type, "trainable_params": adapter.num_params}
+    if adapter.meta.get("adapter_type") in ("qrlora", "vera", "adalora") and adapter.adapter_type == "lora":
+        # trained as qrlora/vera/adalora, stored as their exact LoRA factors: the type and learned-value count as trained
+        meta.update(adapter_type=adapter.meta["adapter_type"], trainable_params=adapter.meta.get("trainable_params", adapter.num_params),
+                    stored_as="lora")
     staging = library.staging_folder()
     try:
         write_adapter(staging / FILE_NAME, AdapterFile(adapter.layers, adapter.identifiers, meta))

@@ -354,7 +354,8 @@ def _alpha(parts: dict, rank: int) -> float:
 ADAPTER_TYPES: dict[str, type] = {cls.name: cls for cls in (LoRA, DoRA, LoHa, LoKr)}
 # PEFT parameter names -> type, longest first so `lora_magnitude_vector` marks DoRA before lora_A marks LoRA
 _PEFT_SUFFIXES = sorted({key for cls in ADAPTER_TYPES.values() for key in cls.peft_keys}, key=len, reverse=True)
-TRAINABLE_MARKERS = ("lora_", "hada_", "lokr_")  # parameter-name parts of every type's weights in a PEFT model
+# parameter-name parts of every type's weights in a model (qrlora, vera_lambda: research_types.py)
+TRAINABLE_MARKERS = ("lora_", "hada_", "lokr_", "qrlora", "vera_lambda")
 
 
 def adapter_type(name: str) -> type:

@@ -46,16 +46,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", dest="config_dir", default=None, metavar="DIR",
                    help="component configs (a diffusers folder) for a single-file .safetensors checkpoint")
     t.add_argument("--steps", type=int, help="training steps (default: 150 per photo for real models, 400 for built-ins)")
-    t.add_argument("--adapter-type", default="lora", metavar="{lora,dora,loha,lokr}",
+    t.add_argument("--adapter-type", default="lora", metavar="{lora,dora,loha,lokr,qrlora,vera,adalora}",
                    help="the UNet's adapter (default lora; the text encoder's stays LoRA). lora: delta W = (alpha/r) B A. "
                         "dora: LoRA for the direction plus a learned magnitude per output row. loha: (alpha/r) (W1a W1b) * "
                         "(W2a W2b), two rank-r products multiplied elementwise (rank up to r^2). lokr: (alpha/r) kron(W1, W2), "
-                        "W2 of rank r when r is below half its size, else both factors full")
+                        "W2 of rank r when r is below half its size, else both factors full. qrlora: Q_r diag(lambda) R_r of "
+                        "a pivoted QR of each frozen weight, only the r values lambda per layer learn. vera: PEFT's VeRA, "
+                        "shared frozen random A, B and two learned vectors per layer. adalora: PEFT's AdaLoRA, B (A * E) "
+                        "alpha/r whose ranks move between layers during the run. qrlora, vera and adalora are stored "
+                        "as exact LoRA factors")
     t.add_argument("--rank", type=int, default=8,
                    help="rank r, 1-256 (default 8): of B A for lora/dora, of each product for loha, of the second "
-                        "Kronecker factor for lokr")
+                        "Kronecker factor for lokr, the QR columns kept for qrlora, of the shared projections for vera, the average final rank for "
+                        "adalora (it starts at 1.5 r)")
     t.add_argument("--alpha", type=float,
-                   help="alpha; every type scales its update by alpha/rank (default alpha = rank, scale 1)")
+                   help="alpha; lora/dora/loha/lokr scale their update by alpha/rank (default alpha = rank, scale 1); "
+                        "adalora: alpha/r with r its starting rank; not for qrlora/vera, whose learned vectors set the scale")
+    t.add_argument("--qr-energy", type=float, default=None, metavar="TAU",
+                   help="qrlora only: per layer keep the fewest pivoted-QR columns whose |R_ii|^2 hold this share "
+                        "of the total, e.g. 0.5 (default: --rank columns)")
     t.add_argument("--prior-weight", type=float, default=1.0, metavar="LAMBDA",
                    help="weight of the class-image (prior-preservation) loss; 0 turns class images off (default 1)")
     t.add_argument("--num-class-images", type=int, metavar="N",
@@ -250,7 +259,7 @@ def cmd_train(args) -> int:
             token=args.token, class_noun=args.class_noun, base_model=args.base_model or default_base_model(),
             name=args.name, steps=args.steps, rank=args.rank, alpha=args.alpha, prior_weight=args.prior_weight,
             num_class_images=args.num_class_images, lr=args.lr, resolution=args.resolution,
-            text_encoder=args.text_encoder, adapter_type=args.adapter_type, loraplus_ratio=args.loraplus_ratio, seed=args.seed,
+            text_encoder=args.text_encoder, adapter_type=args.adapter_type, qr_energy=args.qr_energy, loraplus_ratio=args.loraplus_ratio, seed=args.seed,
             train_token_embedding=args.train_token_embedding, batch_size=args.batch_size,
             checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds, device=args.device,
             mixed_precision=args.mixed_precision, config_dir=args.config_dir, low_memory=args.low_memory,

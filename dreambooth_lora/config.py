@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from .errors import UserError
 
 TEXT_ENCODER_MODES = ("none", "lora", "qlora")
-ADAPTER_TYPES = ("lora", "dora", "loha", "lokr")  # adapter_types.ADAPTER_TYPES; named here to keep config import-light
-QLORA_TYPES = ("lora", "dora")  # PEFT has no 4-bit LoHa/LoKr
+ADAPTER_TYPES = ("lora", "dora", "loha", "lokr", "qrlora", "vera", "adalora")  # adapter_types.py, research_types.py; named here to keep config import-light
+QLORA_TYPES = ("lora", "dora", "qrlora", "vera", "adalora")  # PEFT has no 4-bit LoHa/LoKr; qrlora/vera are stored as LoRA
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine")
@@ -44,6 +44,7 @@ class TrainConfig:
     resolution: int | None = None  # default: the base model's native size
     text_encoder: str = "none"  # frozen encoder: its outputs can be cached
     adapter_type: str = "lora"  # the UNet's adapter (adapter_types.py); the text encoder's modes stay LoRA
+    qr_energy: float | None = None  # qrlora: keep per layer the fewest QR columns whose |R_ii|^2 hold this share (else --rank)
     loraplus_ratio: float | None = None  # LoRA+ paper suggests 16
     seed: int = 0
     train_token_embedding: bool | None = None  # pivotal tuning; default on for built-ins
@@ -115,8 +116,12 @@ class TrainConfig:
         if self.adapter_type not in ADAPTER_TYPES:
             raise UserError(f"--adapter-type {self.adapter_type!r}: choose one of {', '.join(ADAPTER_TYPES)}.")
         if self.text_encoder == "qlora" and self.adapter_type not in QLORA_TYPES:
-            raise UserError(f"--text-encoder qlora pairs with --adapter-type lora or dora only (PEFT has no 4-bit "
-                            f"{self.adapter_type}); use --text-encoder lora or none.")
+            raise UserError(f"--text-encoder qlora pairs with --adapter-type lora, dora, qrlora, vera or adalora only (PEFT has "
+                            f"no 4-bit {self.adapter_type}); use --text-encoder lora or none.")
+        if self.alpha is not None and self.adapter_type in ("qrlora", "vera"):
+            raise UserError(f"--alpha does not apply to --adapter-type {self.adapter_type}: its learned vectors set the scale.")
+        if self.qr_energy is not None and (self.adapter_type != "qrlora" or not 0 < self.qr_energy <= 1):
+            raise UserError(f"--qr-energy {self.qr_energy}: a share in (0, 1], with --adapter-type qrlora only.")
         if self.loraplus_ratio is not None and self.adapter_type not in ("lora", "dora"):
             raise UserError(f"--loraplus-ratio speeds up LoRA's B matrices; --adapter-type {self.adapter_type} has none.")
         if self.mixed_precision not in MIXED_PRECISION:

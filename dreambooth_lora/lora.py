@@ -12,6 +12,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
 from .adapter_types import TRAINABLE_MARKERS, adapter_type
 from .identifier import IdentifierEmbedding
+from .research_types import attach_qrlora, qrlora_disabled, research_kind, trained_state, vera_config
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections (DreamBooth-LoRA)
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -23,8 +24,21 @@ def lora_config(rank: int, alpha: float, targets: list[str]) -> LoraConfig:
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
 
 
-def attach_unet_lora(unet, rank: int, alpha: float, kind: str = "lora"):
-    """The adapter type `kind` (lora, dora, loha, lokr) on the UNet's attention projections, equal to the base at init."""
+def attach_unet_lora(unet, rank: int, alpha: float, kind: str = "lora", qr_energy: float | None = None):
+    """The adapter type `kind` (lora, dora, loha, lokr, qrlora, vera) on the UNet's attention projections, equal to
+    the base at init. qrlora is ours (research_types.py), not PEFT's: it returns no config. adalora needs the run's
+    step count and a tuner the loop calls: research_types.attach_adalora."""
+    if kind == "qrlora":
+        attach_qrlora(unet, rank, UNET_TARGETS, qr_energy)
+        return None
+    if kind == "vera":
+        # PEFT's injection refuses VeRA (its shared A, B live on the tuner): the tuner injects into the UNet in place,
+        # and every layer keeps a reference to the shared projections, so they move with the UNet.
+        from peft.tuners.vera import VeraModel
+
+        config = vera_config(rank, UNET_TARGETS)
+        VeraModel(unet, config, ADAPTER_NAME)
+        return config
     config = adapter_type(kind).config(rank, alpha, UNET_TARGETS)
     unet.add_adapter(config, adapter_name=ADAPTER_NAME)
     return config
@@ -43,7 +57,11 @@ def lora_parameters(module) -> list[torch.nn.Parameter]:
 
 def collect_adapter_tensors(unet, text_encoder=None, identifier: IdentifierEmbedding | None = None) -> dict[str, torch.Tensor]:
     """The trained adapter weights in diffusers' layout (`unet.` / `text_encoder.` prefixes), in fp32."""
-    tensors = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
+    kind = research_kind(unet)
+    if kind is not None:  # qrlora/vera/adalora: their own parameters; the file gets LoRA factors (train.save_adapter)
+        tensors = trained_state(unet, kind)
+    else:
+        tensors = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
     if text_encoder is not None and any(any(m in n for m in TRAINABLE_MARKERS) for n, _ in text_encoder.named_parameters()):
         te_state = get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER_NAME)
         tensors.update({f"text_encoder.{k}": v for k, v in te_state.items()})
@@ -63,7 +81,8 @@ def adapters_disabled(unet, text_encoder):
     for layer in layers:
         layer.enable_adapters(False)
     try:
-        yield
+        with qrlora_disabled(unet):
+            yield
     finally:
         for layer in layers:
             layer.enable_adapters(True)  # PEFT also sets requires_grad back on the active adapter's weights

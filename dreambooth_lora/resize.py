@@ -118,7 +118,9 @@ def resize_adapter(library: Library, name: str, energy: float | None, rank: int 
         up, down, error = svd_factorize(layer.update(), keep)
         layers[key] = resized_layer(layer, up, down)
         per_layer[key] = {"rank": down.shape[0], "relative_error": round(error, 6)}
-    meta = {**entry.meta, "name": new_name,
+    # a lower-rank copy is plain LoRA: a qrlora/vera/adalora entry's trained type and count do not carry over
+    meta = {**{k: v for k, v in entry.meta.items() if k not in ("adapter_type", "trainable_params", "stored_as")},
+            "name": new_name,
             "resized_from": {"name": entry.name, "id": entry.id, "energy": energy, "rank": rank}}
     new_entry = store_adapter(library, AdapterFile(layers, dict(weights.identifiers), meta))
     ranks = [layer["rank"] for layer in per_layer.values()]

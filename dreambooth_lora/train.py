@@ -24,6 +24,8 @@ from .identifier import IdentifierEmbedding, from_file_tensors
 from .lora import (
     attach_text_encoder_lora,
     attach_unet_lora,
+    ADAPTER_NAME,
+    UNET_TARGETS,
     collect_adapter_tensors,
     lora_parameters,
 )
@@ -32,6 +34,7 @@ from .meter import Meter, meter_due
 from .models import BaseModel, load_base_model
 from .paths import atomic_path, prior_root
 from .prior import PriorSettings, ensure_prior_images, load_prior_images
+from .research_types import RESEARCH_TYPES, adalora_orthogonality, attach_adalora, load_trained_state, unet_lora_layers
 
 SAMPLE_COUNT = 4
 # The identifier may grow to this many times a typical word embedding's norm. On the tiny world a
@@ -212,6 +215,8 @@ def training_step(run: Run) -> torch.Tensor:
 
         weights = min_snr_weights(compute_snr(scheduler, timesteps), run.config.snr_gamma, scheduler.config.prediction_type)
     loss, _, _ = prior_preservation_loss(prediction, target, n_instance, run.config.prior_weight, weights)
+    if run.trainables.allocator is not None:  # AdaLoRA: its orthogonality term (research_types.py)
+        loss = loss + adalora_orthogonality(model.unet)
     run.scaler.scale(loss).backward()  # the scaler is a pass-through unless the run is fp16
     run.scaler.unscale_(run.optimizer)
     fault_point("step")  # mid-step: gradients computed, weights not yet updated
@@ -221,6 +226,8 @@ def training_step(run: Run) -> torch.Tensor:
         group["lr"] = group["base_lr"] * factor
     run.scaler.step(run.optimizer)
     run.scaler.update()
+    if run.trainables.allocator is not None:  # AdaLoRA moves its rank budget from this step's gradients
+        run.trainables.allocator.update_and_allocate(run.step)
     run.optimizer.zero_grad(set_to_none=True)
     run.trainables.after_step()
     return loss.detach()
@@ -430,6 +437,7 @@ class Trainables:
         self.cached: torch.Tensor | None = None
         self.separation = 0.0
         self.max_token_norm = 0.0  # set with the identifier embedding: NORM_ALLOWANCE x a typical word's norm
+        self.allocator = None  # AdaLoRA's PEFT tuner (update_and_allocate after each optimizer step); None otherwise
 
     @property
     def text_encoder_trains(self) -> bool:
@@ -467,7 +475,10 @@ class Trainables:
         from peft import set_peft_model_state_dict
 
         strip = lambda prefix: {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-        set_peft_model_state_dict(self.model.unet, strip("unet."), adapter_name="default")
+        if self.config.adapter_type in RESEARCH_TYPES:
+            load_trained_state(self.model.unet, self.config.adapter_type, tensors)
+        else:
+            set_peft_model_state_dict(self.model.unet, strip("unet."), adapter_name="default")
         if self.config.text_encoder != "none":
             set_peft_model_state_dict(self.model.text_encoder, strip("text_encoder."), adapter_name="default")
         if self.identifier is not None:
@@ -488,7 +499,10 @@ def attach_trainables(model: BaseModel, config: TrainConfig, device, weight_dtyp
     with torch.no_grad():
         states = trainables.encode()
         trainables.separation = torch.nn.functional.cosine_similarity(states[0].flatten(), states[1].flatten(), dim=0).item()
-    attach_unet_lora(model.unet, config.rank, config.lora_alpha, config.adapter_type)
+    if config.adapter_type == "adalora":
+        trainables.allocator = attach_adalora(model.unet, config.rank, config.lora_alpha, config.steps, UNET_TARGETS)
+    else:
+        attach_unet_lora(model.unet, config.rank, config.lora_alpha, config.adapter_type, config.qr_energy)
     if config.text_encoder in ("lora", "qlora"):
         attach_text_encoder_lora(model.text_encoder, config.rank, config.lora_alpha)
     if identifier is not None:
@@ -600,6 +614,14 @@ def save_adapter(library: Library, model: BaseModel, trainables: Trainables, con
         "prompt_similarity": round(trainables.separation, 4), "studio_version": __version__,
         "snr_gamma": config.snr_gamma, "noise_offset": config.noise_offset, "lr_schedule": config.lr_schedule, **(extra_meta or {}),
     }
-    return store_adapter(library, AdapterFile.from_tensors(trainables.tensors(), meta, config.lora_alpha, config.rank),
-                         photos=photos)
+    tensors = trainables.tensors()
+    if config.adapter_type not in RESEARCH_TYPES:
+        return store_adapter(library, AdapterFile.from_tensors(tensors, meta, config.lora_alpha, config.rank), photos=photos)
+    # qrlora/vera: the UNet layers stored as their exact LoRA factors; the type and the count of learned values
+    # (lambdas or vectors, not the factors' size) recorded in the metadata (research_types.py)
+    meta["trainable_params"] = sum(p.numel() for p in trainables.parameters)
+    adapter = AdapterFile.from_tensors({k: v for k, v in tensors.items() if not k.startswith("unet.")}, meta,
+                                       config.lora_alpha, config.rank)
+    adapter.layers.update(unet_lora_layers(model.unet, config.adapter_type, ADAPTER_NAME))
+    return store_adapter(library, adapter, photos=photos)
 

@@ -246,7 +246,7 @@ def test_resize_keeps_the_images_at_full_energy(trained, tmp_path, capsys, kind)
     (["train", "--images", "x.png", "--token", "sks", "--class-noun", "dog", "--adapter-type", "lycoris"],
      "--adapter-type 'lycoris': choose one of lora, dora, loha, lokr"),
     (["train", "--images", "x.png", "--token", "sks", "--class-noun", "dog", "--adapter-type", "loha", "--text-encoder", "qlora"],
-     "--text-encoder qlora pairs with --adapter-type lora or dora only"),
+     "--text-encoder qlora pairs with --adapter-type lora, dora, qrlora, vera or adalora only"),
     (["train", "--images", "x.png", "--token", "sks", "--class-noun", "dog", "--adapter-type", "lokr", "--loraplus-ratio", "16"],
      "--loraplus-ratio speeds up LoRA's B matrices"),
     (["generate", "--prompt", "x", "--adapter", "a=1:2:3"], "write NAME=WEIGHT or NAME=UNET:TEXT"),
