@@ -329,7 +329,8 @@ def _shown(value):
     return value
 
 
-TYPE_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}  # adapter_types.py's names, as written
+TYPE_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr", "qrlora": "QR-LoRA", "vera": "VeRA",
+              "adalora": "AdaLoRA"}  # adapter_types.py and research_types.py names, as written
 
 
 def adapter_kind(entry: AdapterEntry) -> str:
