@@ -8,7 +8,11 @@ Trains redyellow-ball and bluecyan-box with `--token sks` each and the product's
 Then generates "a photo of <ball's identifier> ball" and "a photo of <box's identifier> box" with each adapter alone
 and with both at 1.0 + 1.0, and reports the share of images the analyser judges to be each subject.
 
-    python bench/mix_subjects.py [--samples 32] [--json]
+With --merges, the two distinct-identifier adapters are also saved as one adapter by each of cat, linear, svd, ties,
+dare_linear and magnitude_prune (weights 1 + 1; density 0.5, DARE seed 0), and each merge is judged on both
+subjects' prompts and on the plain class prompts (leak: "a photo of a ball" drawn as the ball subject).
+
+    python bench/mix_subjects.py [--samples 32] [--merges] [--json]
 """
 
 from __future__ import annotations
@@ -42,11 +46,34 @@ def train(library, subject: str, prior_dir: Path):
     return run_training(library, create_job(library, config, world.subject_image_paths(subject)), prior_dir=prior_dir).adapter
 
 
+MERGE_METHODS = {"cat": {}, "linear": {}, "svd": {}, "ties": {"density": 0.5}, "dare_linear": {"density": 0.5, "seed": 0},
+                 "magnitude_prune": {"density": 0.5}}
+
+
+def judge_merges(library, ball, box, session, args) -> list[dict]:
+    """Each method's single adapter from ball + box at weight 1 each, judged on both subjects and both classes."""
+    from dreambooth_lora.mixing import mix_adapters
+
+    rows = []
+    for method, options in MERGE_METHODS.items():
+        entry, _ = mix_adapters(library, [(ball.name, 1.0), (box.name, 1.0)], f"merge-{method.replace('_', '-')}",
+                                method=method, **options)
+        session.apply([(entry, 1.0)])
+        share = lambda prompt, subject: subject_share(session, prompt, subject, args.samples, args.seed)
+        rows.append({"method": method, **options, "rank": entry.rank,
+                     "ball_fidelity": share(f"a photo of {ball.token} ball", "redyellow-ball"),
+                     "box_fidelity": share(f"a photo of {box.token} box", "bluecyan-box"),
+                     "ball_leak": share("a photo of a ball", "redyellow-ball"),
+                     "box_leak": share("a photo of a box", "bluecyan-box")})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=32, help="images per prompt (default 32)")
     parser.add_argument("--seed", type=int, default=10_000, help="first generation seed (default: the quality bench's)")
     parser.add_argument("--json", action="store_true", help="print only the JSON report on stdout (table to stderr)")
+    parser.add_argument("--merges", action="store_true", help="also judge the two adapters merged by each mix method")
     args = parser.parse_args(argv)
     quiet_libraries()
     from dreambooth_lora.generate import AdapterSession
@@ -73,13 +100,19 @@ def main(argv=None) -> int:
                     rows.append({"case": case, "identifiers": f"{ball.token}/{box_entry.token}", "adapters": mix,
                                  "prompt": prompt, "subject": subject,
                                  "share": subject_share(session, prompt, subject, args.samples, args.seed)})
+        merges = judge_merges(together, ball, box, session, args) if args.merges else []
         session.clear()
-    report = {"rows": rows, "samples": args.samples, "seconds": round(time.time() - started, 1),
+    report = {"rows": rows, "merges": merges, "samples": args.samples, "seconds": round(time.time() - started, 1),
               "machine": f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cores".strip()}
     out = sys.stderr if args.json else sys.stdout
     print(f"{'case':<10}{'identifiers':<14}{'adapters':<14}{'prompt':<26}{'subject share':>14}", file=out)
     for row in rows:
         print(f"{row['case']:<10}{row['identifiers']:<14}{row['adapters']:<14}{row['prompt']:<26}{row['share']:>14.3f}", file=out)
+    if merges:
+        print(f"\n{'method':<16}{'ball fidelity':>14}{'box fidelity':>14}{'ball leak':>11}{'box leak':>10}{'rank':>6}", file=out)
+        for m in merges:
+            print(f"{m['method']:<16}{m['ball_fidelity']:>14.3f}{m['box_fidelity']:>14.3f}{m['ball_leak']:>11.3f}"
+                  f"{m['box_leak']:>10.3f}{m['rank']:>6}", file=out)
     print(f"{report['seconds']} s on {report['machine']}", file=out)
     if args.json:
         print(json.dumps(report, indent=1))
