@@ -11,7 +11,6 @@ from dreambooth_lora.adapter_file import AdapterFile, read_adapter, store_adapte
 from dreambooth_lora.cli import main
 from dreambooth_lora.config import TrainConfig
 from dreambooth_lora.errors import UserError
-from dreambooth_lora.generate import AdapterSession
 from dreambooth_lora.identifier import (
     IDENTIFIER_PREFIX,
     LEGACY_PREFIX,
@@ -27,7 +26,6 @@ from dreambooth_lora.identifier import (
 from dreambooth_lora.jobs import Jobs
 from dreambooth_lora.library import Library
 from dreambooth_lora.models import load_base_model
-from dreambooth_lora.train import run_training
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dreambooth_lora.adapter_file import read_adapter
 from dreambooth_lora.adapter_types import LoRA
@@ -20,10 +19,9 @@ from dreambooth_lora.library import Library
 from dreambooth_lora.lora import UNET_TARGETS, attach_unet_lora
 from dreambooth_lora.research_types import attach_adalora, pivoted_qr, unet_lora_layers
 from dreambooth_lora.train import TrainingStopped, run_training
+from test_adapter_types import generate  # the adapter-type tests' CLI generate helper
 
 KINDS = ["qrlora", "vera", "adalora"]
-PROMPT = "a photo of sks dog"
-GEN = ["--prompt", PROMPT, "--num-images", "1", "--steps", "4", "--seed", "3", "--base-model", "builtin:tiny-random"]
 
 
 # ----- the maths -----
@@ -89,15 +87,6 @@ def trained(tmp_path_factory, session_subject_images, session_prior_dir):
     for kind in KINDS:  # a frozen identifier is plain words that two adapters cannot share: one word each
         assert main(["train", *common, "--token", f"sks{kind}", "--adapter-type", kind, "--name", kind]) == 0
     return root
-
-
-def generate(root, tmp_path, label, *adapters) -> np.ndarray:
-    out = tmp_path / label
-    argv = ["generate", "--data-root", str(root), *GEN, "--out", str(out)]
-    for spec in adapters:
-        argv += ["--adapter", spec]
-    assert main(argv) == 0
-    return np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in sorted(out.glob("*.png"))])
 
 
 @pytest.mark.parametrize("kind", KINDS)
