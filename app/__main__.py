@@ -1,4 +1,4 @@
-"""`python -m app [--host H] [--port P] [--auth USER:PASSWORD] [--data-root D] [--prior-dir P]`: same as `dreambooth-lora serve`."""
+"""`python -m app [--host H] [--port P] [--auth USER:PASSWORD | --users FILE] [--data-root D] [--prior-dir P]`: same as `dreambooth-lora serve`."""
 
 import sys
 

@@ -92,7 +92,7 @@ def run_generation(library: Library, cache: ModelCache, settings: GenerateSettin
         session.apply(adapters)
         images = session.generate(settings)
     seconds = time.time() - started
-    generation = record_generation(library.root, images, settings, model_name, seconds)
+    generation = record_generation(library.history_root, images, settings, model_name, seconds)
     captioned = [(str(path), f"seed {settings.seed + i}") for i, path in enumerate(generation.images)]
     message = (f"{len(images)} images from {model_name} with {mix_text(settings.adapters)} in {seconds:.1f} s "
                "(kept in the history below).")

@@ -15,29 +15,40 @@ from dreambooth_lora.library import Library
 from dreambooth_lora.paths import data_root as resolve_data_root
 from dreambooth_lora.paths import prior_root
 from dreambooth_lora.tinyworld.world import SUBJECT_IMAGE_DIR
+from dreambooth_lora.users import UsersFile
 from dreambooth_lora.worker import terminate_with_parent
 
 WORKER_STOP_SECONDS = 30  # the worker finishes its current step and writes a checkpoint first
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
-          data_root: str | None = None, prior_dir: str | None = None) -> int:
-    """Run the studio until Ctrl-C or SIGTERM; the worker is stopped (job checkpointed) on the way out."""
+          data_root: str | None = None, prior_dir: str | None = None, users: str | None = None) -> int:
+    """Run the studio until Ctrl-C or SIGTERM; the worker is stopped (job checkpointed) on the way out.
+
+    `users`: a users file (dreambooth_lora.users): each person logs in as one of its users and sees their own
+    adapters, jobs and history (an admin sees everyone's); `auth` is one shared login to the whole library.
+    """
     from .ui import build_ui
 
+    if auth is not None and users is not None:
+        raise UserError("--auth and --users cannot be used together: --users gives each person a login of their own.")
     root = resolve_data_root(data_root).resolve()
     prior = prior_root(prior_dir).resolve()
     credentials = parse_auth(auth)
+    users_file = UsersFile(Path(users)) if users is not None else None  # a missing or malformed file stops here
+    if users_file is not None and not users_file.users():
+        raise UserError(f"The users file {users} has no users; add one with `dreambooth-lora users add NAME --users {users}`.")
     library = Library(root)
     # Only jobs whose runner is gone: a `dreambooth-lora train` running beside the server keeps its job.
     for job_id in Jobs(library).reap():
         print(f"job {job_id} lost its runner (a crash or a server restart): marked interrupted (resumable)", file=sys.stderr)
-    demo = build_ui(library, prior)
+    demo = build_ui(library, prior, users_file)
     supervisor = WorkerSupervisor(library, prior)
     supervisor.start()
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        demo.launch(server_name=host, server_port=port, auth=credentials, allowed_paths=[str(root), str(SUBJECT_IMAGE_DIR)],
+        demo.launch(server_name=host, server_port=port, auth=users_file.login if users_file else credentials,
+                    allowed_paths=[str(root), str(SUBJECT_IMAGE_DIR)],
                     footer_links=[], quiet=False)
     except OSError as error:
         raise UserError(f"Cannot serve on {host}:{port} ({error}); choose another --port.") from None

@@ -2,6 +2,8 @@
 
 A view only: handlers turn form values into dreambooth_lora calls and results into components.
 Training runs in the worker process (dreambooth_lora.worker); this process only writes job rows.
+Each handler acts through the library of the person logged in (`scoped(request)`: with `serve --users`, the
+user's own adapters, jobs and history; without it, the whole library).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import functools
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import gradio as gr
 from PIL import Image
@@ -26,6 +29,7 @@ from dreambooth_lora.library import Library
 from dreambooth_lora.models import builtin_names, default_base_model
 from dreambooth_lora.sweep import DEFAULT_WEIGHTS
 from dreambooth_lora.tinyworld import SUBJECTS, subject_image_paths
+from dreambooth_lora.users import UsersFile
 
 REFRESH_SECONDS = 1.5
 GALLERY_COLUMNS = 6  # thumbnails per row in the Library's gallery
@@ -49,23 +53,34 @@ def shows_errors(message: gr.components.Component):
     return decorate
 
 
-def build_ui(library: Library, prior_dir: Path | None = None) -> gr.Blocks:
+Scoped = Callable[[gr.Request], Library]  # the library of the person making a request
+
+
+def request_scope(library: Library, users: UsersFile | None = None) -> Scoped:
+    """The one place a request becomes a library: the logged-in user's view with a users file, else `library`."""
+    if users is None:
+        return lambda request: library  # today's single user (with or without --auth)
+    return lambda request: users.library_for(library, getattr(request, "username", None))
+
+
+def build_ui(library: Library, prior_dir: Path | None = None, users: UsersFile | None = None) -> gr.Blocks:
     cache = ModelCache()
+    scoped = request_scope(library, users)
     with gr.Blocks(title="DreamBooth-LoRA Studio") as demo:
         gr.Markdown("# DreamBooth-LoRA Studio\nTrain a subject from a few photos, then mix subjects with sliders.")
         timer = gr.Timer(REFRESH_SECONDS)
         with gr.Tabs():
             with gr.Tab("Train", id="train"):
-                train_tab(demo, library, timer)
+                train_tab(demo, scoped, timer)
             with gr.Tab("Library", id="library"):
-                library_refresh = library_tab(library, timer)
+                library_refresh = library_tab(scoped, timer)
             with gr.Tab("Generate", id="generate"):
-                generate_tab(demo, library, cache, timer, library_refresh)
+                generate_tab(demo, scoped, cache, timer, library_refresh)
     return demo
 
 
 # ----------------------------------------------------------------------------- Train
-def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
+def train_tab(demo: gr.Blocks, scoped: Scoped, timer: gr.Timer) -> None:
     with gr.Row():
         with gr.Column(scale=3):
             uploads = gr.File(label="Subject photos (3-5 work best, up to 20)", file_count="multiple",
@@ -174,10 +189,10 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
     form = [fields[key] for key in views.FORM_FIELDS]
 
     @shows_errors(start_message)
-    def start_clicked(files, *form_values):
+    def start_clicked(request: gr.Request, files, *form_values):
         checked = views.train_config(len(files or []), *form_values)  # validated once here for the photos' resolution
         accepted, _ = views.check_uploads(files, checked.base_model, checked.resolution)
-        jobs = Jobs(library)
+        jobs = Jobs(scoped(request))
         config = views.train_config(len(accepted), *form_values)
         job_id = jobs.create(config, accepted)
         message = views.queued_message(jobs.get(job_id), config.token)
@@ -186,13 +201,13 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
     start.click(start_clicked, [uploads, *form], {start_message, job_choice})
 
     @shows_errors(settings_message)
-    def settings_imported(path):
+    def settings_imported(request: gr.Request, path):
         if not path:
             return {settings_message: ""}
         config = settings_file.read_settings(Path(path))
         values, notes = views.form_values(config)
         if values["name"]:  # the job it came from has most likely saved an adapter under this name
-            values["name"] = free_name(library, values["name"])
+            values["name"] = free_name(scoped(request), values["name"])
         lines = [f"Settings of **{config.name or config.token}** are in the form: add photos and press Start.", *notes]
         return {**{fields[key]: value for key, value in values.items()}, settings_message: "\n\n".join(lines)}
 
@@ -201,8 +216,8 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
     job_outputs = {jobs_table, job_choice, job_status, monitor, loss_plot, meter_plot, samples, cancel, resume, again, delete_job,
                    export_settings, job_log, seen}
 
-    def refresh(selected, last_seen):
-        jobs = Jobs(library)
+    def refresh(request: gr.Request, selected, last_seen):
+        jobs = Jobs(scoped(request))
         listed = jobs.list()
         if selected not in {j.id for j in listed}:
             selected = listed[0].id if listed else None
@@ -211,15 +226,14 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
             return dict.fromkeys(job_outputs, gr.skip())  # Gradio wants a value for every output
         job = next((j for j in listed if j.id == selected), None)
         return {jobs_table: views.jobs_frame(listed), job_choice: gr.update(choices=views.job_choices(listed), value=selected),
-                **job_view(job), seen: signature}
+                **job_view(jobs, job), seen: signature}
 
-    def job_view(job) -> dict:
+    def job_view(jobs: Jobs, job) -> dict:
         """Status text, loss plot, samples and which buttons apply, for one job (None: there are none)."""
         if job is None:
             return {job_status: views.NO_JOBS, monitor: "", loss_plot: None, meter_plot: gr.update(visible=False), samples: [], cancel: gr.update(visible=False),
                     resume: gr.update(visible=False), again: gr.update(visible=False), delete_job: gr.update(visible=False),
                     export_settings: gr.update(visible=False), job_log: ""}
-        jobs = Jobs(library)
         # by stem: step-00002 before step-00002-1 (by name, "-" sorts before ".", putting the second prompt's first)
         sample_files = sorted((job.folder / "samples").glob("step-*.png"), key=lambda p: p.stem)
         meter = views.meter_frame(job.meter_record)
@@ -233,36 +247,41 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
             again: gr.update(visible=job.status in FINISHED), delete_job: gr.update(visible=job.status in FINISHED),
         }
 
+    def loaded(request: gr.Request, selected):
+        return refresh(request, selected, None)
+
+    def picked(request: gr.Request, selected):
+        return {**refresh(request, selected, None), job_message: "", settings_file_out: gr.update(visible=False, value=None)}
+
     timer.tick(refresh, [job_choice, seen], job_outputs, show_progress="hidden")
-    demo.load(lambda s: refresh(s, None), [job_choice], job_outputs, show_progress="hidden")
+    demo.load(loaded, [job_choice], job_outputs, show_progress="hidden")
     # .input: a person's pick (a refresh that moves the selection must not wipe the message of a Delete)
-    job_choice.input(lambda s: {**refresh(s, None), job_message: "", settings_file_out: gr.update(visible=False, value=None)},
-                     [job_choice], job_outputs | {job_message, settings_file_out}, show_progress="hidden")
+    job_choice.input(picked, [job_choice], job_outputs | {job_message, settings_file_out}, show_progress="hidden")
 
     @shows_errors(job_message)
-    def cancel_clicked(job_id):
-        return {job_message: f"Job {job_id}: {Jobs(library).cancel(job_id)}.", seen: None}
+    def cancel_clicked(request: gr.Request, job_id):
+        return {job_message: f"Job {job_id}: {Jobs(scoped(request)).cancel(job_id)}.", seen: None}
 
     @shows_errors(job_message)
-    def resume_clicked(job_id):
-        return {job_message: f"Job {job_id}: queued again; it {Jobs(library).resume(job_id)}.", seen: None}
+    def resume_clicked(request: gr.Request, job_id):
+        return {job_message: f"Job {job_id}: queued again; it {Jobs(scoped(request)).resume(job_id)}.", seen: None}
 
     @shows_errors(job_message)
-    def delete_clicked(job_id):
-        Jobs(library).delete(job_id)
+    def delete_clicked(request: gr.Request, job_id):
+        Jobs(scoped(request)).delete(job_id)
         return {job_message: f"Deleted job {job_id} (its photos and checkpoint; its adapter stays in the Library).",
                 seen: None}
 
     @shows_errors(job_message)
-    def again_clicked(job_id):
-        jobs = Jobs(library)
+    def again_clicked(request: gr.Request, job_id):
+        jobs = Jobs(scoped(request))
         new_id = jobs.again(job_id)
         return {job_message: f"Queued **{jobs.get(new_id).name}** as job `{new_id}` with the same settings and photos.",
                 seen: None}
 
     @shows_errors(job_message)
-    def export_settings_clicked(job_id):
-        job = Jobs(library).get(job_id or "")
+    def export_settings_clicked(request: gr.Request, job_id):
+        job = Jobs(scoped(request)).get(job_id or "")
         path = settings_file.export_settings(job, Path(tempfile.mkdtemp(prefix="dbl-settings-")))
         return {settings_file_out: gr.update(value=str(path), visible=True),
                 job_message: f"Settings of **{job.name}** as a file: Import settings (under the form) fills the form "
@@ -276,7 +295,7 @@ def train_tab(demo: gr.Blocks, library: Library, timer: gr.Timer) -> None:
 
 
 # ----------------------------------------------------------------------------- Library
-def library_tab(library: Library, timer: gr.Timer):
+def library_tab(scoped: Scoped, timer: gr.Timer):
     """Returns the listing's signature state: other tabs clear it to redraw the library after adding adapters."""
     # its height follows the number of rows (views.gallery_height): a fixed height cut off the second row from 9
     # adapters on, and "auto" left a tall empty box under one row
@@ -327,7 +346,7 @@ def library_tab(library: Library, timer: gr.Timer):
     seen = gr.State(None)
     listing_outputs = {gallery, table, chosen, seen}
 
-    def listing(selected, last_seen=None) -> dict:
+    def listing(library: Library, selected, last_seen=None) -> dict:
         """Gallery, table and the adapter dropdown, its choices and value together: a value outside the choices
         is refused by Gradio on every later event (the rename defect of issue 14)."""
         entries = library.list()
@@ -340,23 +359,28 @@ def library_tab(library: Library, timer: gr.Timer):
                 chosen: gr.update(choices=[e.name for e in entries], value=views.chosen_name(entries, selected)),
                 seen: signature}
 
-    timer.tick(listing, [chosen, seen], listing_outputs, show_progress="hidden")
+    def tick(request: gr.Request, selected, last_seen):
+        return listing(scoped(request), selected, last_seen)
 
-    def show(name):
-        entry = library.get(name) if name and library.name_taken(name) else None
+    timer.tick(tick, [chosen, seen], listing_outputs, show_progress="hidden")
+
+    def show(request: gr.Request, name):
+        library = scoped(request)
+        entry = _find(library, name)
         shown_photos = [str(p) for p in entry.photos] if entry else []
         return {details: views.adapter_details(entry), adapter_samples: [str(p) for p in entry.samples] if entry else [],
                 photos: gr.update(value=shown_photos, visible=bool(shown_photos)),
                 confirm_box: gr.update(visible=False), export_file: None}  # the download was another adapter's
 
     chosen.change(show, chosen, {details, adapter_samples, photos, confirm_box, export_file})
-    gallery.select(_select_by_index(library), None, chosen)
-    table.select(_select_by_index(library), None, chosen)  # a row of the table picks its adapter too
+    gallery.select(_select_by_index(scoped), None, chosen)
+    table.select(_select_by_index(scoped), None, chosen)  # a row of the table picks its adapter too
 
     @shows_errors(action_message)
-    def do_rename(name, new):
+    def do_rename(request: gr.Request, name, new):
+        library = scoped(request)
         entry = library.rename(_need(name), (new or "").strip())
-        return {**listing(entry.name), action_message: f"Renamed to **{entry.name}**.", new_name: ""}
+        return {**listing(library, entry.name), action_message: f"Renamed to **{entry.name}**.", new_name: ""}
 
     rename.click(do_rename, [chosen, new_name], listing_outputs | {action_message, new_name})
 
@@ -366,17 +390,18 @@ def library_tab(library: Library, timer: gr.Timer):
     keep.click(lambda: gr.update(visible=False), None, confirm_box)
 
     @shows_errors(action_message)
-    def do_delete(name):
+    def do_delete(request: gr.Request, name):
+        library = scoped(request)
         library.delete(_need(name))
-        return {**listing(None), action_message: f"Deleted **{name}**.", confirm_box: gr.update(visible=False)}
+        return {**listing(library, None), action_message: f"Deleted **{name}**.", confirm_box: gr.update(visible=False)}
 
     confirm.click(do_delete, chosen, listing_outputs | {action_message, confirm_box})
 
     @shows_errors(action_message)
-    def do_export(name, fmt):
+    def do_export(request: gr.Request, name, fmt):
         from dreambooth_lora.formats import export_adapter, sidecar_path
 
-        entry = library.get(_need(name))
+        entry = scoped(request).get(_need(name))
         out, notes = export_adapter(entry, fmt, Path(tempfile.mkdtemp(prefix="dbl-export-")) / f"{entry.name}.{fmt}.safetensors")
         # A kohya export keeps a learned identifier embedding in a sidecar file next to the LoRA.
         files = [str(path) for path in (out, sidecar_path(out)) if path.exists()]
@@ -385,16 +410,17 @@ def library_tab(library: Library, timer: gr.Timer):
     export.click(do_export, [chosen, export_format], {export_file, action_message})
 
     @shows_errors(action_message)
-    def do_import(file, embedding, name, token, class_noun, base_model):
+    def do_import(request: gr.Request, file, embedding, name, token, class_noun, base_model):
         from dreambooth_lora.formats import import_adapter
 
+        library = scoped(request)
         if not file:
             raise UserError("Choose a LoRA .safetensors file to import.")
         entry, notes = import_adapter(library, Path(file), name=(name or "").strip() or None,
                                       base_model=(base_model or "").strip() or None,
                                       token=(token or "").strip(), class_noun=(class_noun or "").strip(),
                                       sidecar=Path(embedding) if embedding else None)
-        return {**listing(entry.name),
+        return {**listing(library, entry.name),
                 action_message: "\n\n".join([f"Imported **{entry.name}** for {entry.base_model}.", *notes])}
 
     import_button.click(do_import, [import_file, import_embedding, import_name, import_token, import_class, import_base],
@@ -403,15 +429,23 @@ def library_tab(library: Library, timer: gr.Timer):
     return seen
 
 
-def _select_by_index(library: Library):
+def _select_by_index(scoped: Scoped):
     """The adapter at a gallery index or a table cell's row, both listed newest first as library.list()."""
 
-    def select(evt: gr.SelectData):
-        entries = library.list()
+    def select(request: gr.Request, evt: gr.SelectData):
+        entries = scoped(request).list()
         index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         return entries[index].name if index < len(entries) else gr.skip()
 
     return select
+
+
+def _find(library: Library, name):
+    """The adapter of this name the library shows (an admin's: any user's), or None."""
+    try:
+        return library.get(name) if name else None
+    except UserError:
+        return None
 
 
 def _need(name):
@@ -430,7 +464,7 @@ def _placeholder() -> Image.Image:
 
 
 # ----------------------------------------------------------------------------- Generate
-def generate_tab(demo: gr.Blocks, library: Library, cache: ModelCache, timer: gr.Timer, library_seen: gr.State) -> None:
+def generate_tab(demo: gr.Blocks, scoped: Scoped, cache: ModelCache, timer: gr.Timer, library_seen: gr.State) -> None:
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks dog on the moon", elem_id="gen-prompt")
@@ -479,21 +513,22 @@ def generate_tab(demo: gr.Blocks, library: Library, cache: ModelCache, timer: gr
     seen = gr.State(None)
     form = dict(prompt=prompt, negative=negative, seed=seed, steps=steps, guidance=guidance, size=size, count=count)
 
-    def adapter_choices(selected, last_seen):
-        names = [e.name for e in library.list()]
+    def adapter_choices(request: gr.Request, selected, last_seen):
+        names = [e.name for e in scoped(request).list()]
         if names == last_seen:
             return gr.skip(), gr.skip()
         return gr.update(choices=names, value=[n for n in (selected or []) if n in names]), names
 
     timer.tick(adapter_choices, [picker, seen], [picker, seen], show_progress="hidden")
 
-    def chosen_changed(chosen):
+    def chosen_changed(request: gr.Request, chosen):
+        library = scoped(request)
         chosen = chosen or []
         updates = [gr.update(visible=i < len(chosen), label=f"{chosen[i]} weight" if i < len(chosen) else f"weight {i + 1}")
                    for i in range(MAX_MIX)]
         text_updates = [gr.update(visible=i < len(chosen), label=f"{chosen[i]} text strength" if i < len(chosen)
                                   else f"text strength {i + 1}") for i in range(MAX_MIX)]
-        hint = views.prompt_hints([library.get(n) for n in chosen if library.name_taken(n)])
+        hint = views.prompt_hints([entry for entry in (_find(library, n) for n in chosen) if entry])
         return {hints: "\n\n".join(line for line in (hint, views.mix_note(chosen, MAX_MIX)) if line),
                 **dict(zip(sliders, updates)), **dict(zip(text_sliders, text_updates))}
 
@@ -504,27 +539,27 @@ def generate_tab(demo: gr.Blocks, library: Library, cache: ModelCache, timer: gr
         """(weights, text apart, text strengths) from the handlers' trailing `strengths` values."""
         return values[1 : 1 + MAX_MIX], values[0], values[1 + MAX_MIX :]
 
-    def history_frame():
-        return gen.history_frame(recent_generations(library.root))
+    def history_frame(request: gr.Request):
+        return gen.history_frame(recent_generations(scoped(request).history_root))
 
     demo.load(history_frame, None, history, show_progress="hidden")
 
     @shows_errors(gen_message)
-    def generate(prompt_text, negative_text, base, chosen, seed_value, steps_value, guidance_value, size_value,
-                 count_value, *weights):
+    def generate(request: gr.Request, prompt_text, negative_text, base, chosen, seed_value, steps_value, guidance_value,
+                 size_value, count_value, *weights):
         settings = gen.generate_settings(prompt_text, negative_text, seed_value, steps_value, guidance_value, size_value,
                                          count_value, chosen, *split_strengths(weights))
-        result = gen.run_generation(library, cache, settings, base)
+        result = gen.run_generation(scoped(request), cache, settings, base)
         return {gallery: result.captioned, gen_message: result.message,
-                download_all: str(zip_generation(result.generation)), history: history_frame()}
+                download_all: str(zip_generation(result.generation)), history: history_frame(request)}
 
     run.click(generate, [prompt, negative, base_model, picker, seed, steps, guidance, size, count, *strengths],
               {gallery, gen_message, download_all, history})
 
     @shows_errors(gen_message)
-    def history_picked(evt: gr.SelectData):
+    def history_picked(request: gr.Request, evt: gr.SelectData):
         row = evt.row_value or []
-        generation = get_generation(library.root, str(row[-1])) if row else None
+        generation = get_generation(scoped(request).history_root, str(row[-1])) if row else None
         if generation is None:
             raise UserError("That generation is no longer in the history; generate again.")
         values = gen.form_of(generation)
@@ -541,18 +576,19 @@ def generate_tab(demo: gr.Blocks, library: Library, cache: ModelCache, timer: gr
                                                                                 gen_message})
 
     @shows_errors(gen_message)
-    def sweep_clicked(prompt_text, negative_text, chosen, seed_value, steps_value, guidance_value, size_value, *weights):
+    def sweep_clicked(request: gr.Request, prompt_text, negative_text, chosen, seed_value, steps_value, guidance_value,
+                      size_value, *weights):
         settings = gen.generate_settings(prompt_text, negative_text, seed_value, steps_value, guidance_value, size_value,
                                          1, chosen, *split_strengths(weights))
-        grid, path, message = gen.run_weight_sweep(library, cache, settings)
+        grid, path, message = gen.run_weight_sweep(scoped(request), cache, settings)
         return {sweep_image: grid, sweep_file: str(path), sweep_box: gr.update(open=True), gen_message: message}
 
     sweep.click(sweep_clicked, [prompt, negative, picker, seed, steps, guidance, size, *strengths],
                 {sweep_image, sweep_file, sweep_box, gen_message})
 
     @shows_errors(gen_message)
-    def save(chosen, name, prompt_text, seed_value, steps_value, guidance_value, *weights):
-        _, message = gen.save_mix(library, cache, gen.mix_specs(chosen, *split_strengths(weights)), name, prompt_text, seed_value,
+    def save(request: gr.Request, chosen, name, prompt_text, seed_value, steps_value, guidance_value, *weights):
+        _, message = gen.save_mix(scoped(request), cache, gen.mix_specs(chosen, *split_strengths(weights)), name, prompt_text, seed_value,
                                   steps_value, guidance_value)
         return {gen_message: message, library_seen: None}
 

@@ -192,7 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve = command("serve", "Start the web studio (and its background job worker).")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    serve.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="ask for this login (default: none)")
+    logins = serve.add_mutually_exclusive_group()
+    logins.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="ask for this login (default: none)")
+    logins.add_argument("--users", default=None, metavar="FILE",
+                        help="a login per person from this users file (`users add`); each sees only their own adapters, "
+                             "jobs and generations, an admin everyone's")
+
+    users = sub.add_parser("users", help="Manage the users file of `serve --users`.",
+                           description="Manage the users file of `serve --users`.")
+    usub = users.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    add_user = usub.add_parser("add", help="add a user; the password is read from stdin (one line)")
+    add_user.add_argument("name", help="the login name (letters, digits, '_', '.', '-')")
+    add_user.add_argument("--users", required=True, metavar="FILE", help="the users file (created if missing)")
+    add_user.add_argument("--admin", action="store_true", help="this user sees, and may change, every user's work")
 
     w = command("worker", "Run queued training jobs one at a time (serve starts one).")
     w.add_argument("--until-idle", action="store_true", help="stop when the queue is empty instead of waiting for more")
@@ -409,7 +421,24 @@ def cmd_mix(args) -> int:
 def cmd_serve(args) -> int:
     from app.server import serve
 
-    return serve(host=args.host, port=args.port, auth=args.auth, data_root=args.data_root, prior_dir=args.prior_dir)
+    return serve(host=args.host, port=args.port, auth=args.auth, data_root=args.data_root, prior_dir=args.prior_dir,
+                 users=args.users)
+
+
+def cmd_users(args) -> int:
+    """`users add NAME --users FILE [--admin]`: the password is one line on stdin (asked for on a terminal)."""
+    from .users import add_user, validate_user_name
+
+    validate_user_name(args.name)
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass(f"Password for {args.name}: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    user = add_user(Path(args.users), args.name, password, admin=args.admin)
+    print(f"added {'admin ' if user.admin else ''}user {user.name} to {args.users}")
+    return 0
 
 
 def cmd_worker(args) -> int:
@@ -509,7 +538,7 @@ def cmd_prior(args) -> int:
 
 HANDLERS = {
     "train": cmd_train, "generate": cmd_generate, "library": cmd_library, "prior": cmd_prior,
-    "mix": cmd_mix, "serve": cmd_serve, "worker": cmd_worker, "jobs": cmd_jobs,
+    "mix": cmd_mix, "serve": cmd_serve, "users": cmd_users, "worker": cmd_worker, "jobs": cmd_jobs,
 }
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, create_engine, event, inspect,
+from sqlalchemy import (Column, Float, Index, Integer, MetaData, String, Table, Text, create_engine, event, inspect,
                         text)
 from sqlalchemy.engine import Engine
 
@@ -19,12 +19,20 @@ metadata = MetaData()
 adapters = Table(
     "adapters", metadata,
     Column("id", String, primary_key=True),
-    Column("name", String, nullable=False, unique=True),
+    Column("name", String, nullable=False),  # unique per owner (the indexes below)
     Column("token", String), Column("class_noun", String), Column("base_model", String), Column("fingerprint", String),
     Column("rank", Integer), Column("alpha", Float), Column("steps", Integer), Column("created", Float),
     Column("size_bytes", Integer),
     Column("meta", Text, nullable=False),  # JSON
+    # The user (of `serve --users`) it belongs to; NULL: no one in particular (the CLI's, or from before users).
+    # Not "user": a reserved word in PostgreSQL.
+    Column("owner", String),
 )
+# Names are unique per owner (two users may both have "dog"); NULL owners are one more namespace, which a plain
+# UNIQUE (owner, name) would not enforce (NULLs differ in SQL), hence the partial index.
+Index("adapters_owner_name", adapters.c.owner, adapters.c.name, unique=True)
+Index("adapters_unowned_name", adapters.c.name, unique=True,
+      sqlite_where=adapters.c.owner.is_(None), postgresql_where=adapters.c.owner.is_(None))
 
 jobs = Table(
     "jobs", metadata,
@@ -41,6 +49,7 @@ jobs = Table(
     Column("heartbeat", Float),
     Column("cancel_requested", Integer, default=0),
     Column("created", Float), Column("updated", Float),
+    Column("owner", String),  # as adapters.owner; the adapter a job saves gets its job's owner
 )
 
 
@@ -62,13 +71,30 @@ def engine_for(url: str) -> Engine:
         engine = create_engine(url, pool_pre_ping=True)
     _migrate(engine)
     metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Tables from before a nullable column was added get it, empty (e.g. `owner`: their rows belong to no one)."""
+    inspector = inspect(engine)
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable and not column.primary_key:
+                kind = column.type.compile(dialect=engine.dialect)
+                with engine.begin() as connection:
+                    connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN "
+                                            f"{engine.dialect.identifier_preparer.quote(column.name)} {kind}"))
 
 
 def _migrate(engine: Engine) -> None:
     """Data roots from before the jobs module kept jobs as `params` JSON with a `worker_pid`: convert them.
-    Jobs tables from before `error_kind` get the column (empty: their failures read as crashes, resumable)."""
+    Jobs tables from before `error_kind` get the column (empty: their failures read as crashes, resumable).
+    Adapters tables from before users had `name` unique across the library: rebuilt with names unique per owner."""
     names = inspect(engine).get_table_names()
+    if "adapters" in names and _name_unique_alone(engine):
+        _rebuild_adapters(engine)
     if "jobs" in names and {"params", "error_kind"}.isdisjoint(c["name"] for c in inspect(engine).get_columns("jobs")):
         with engine.begin() as connection:
             connection.execute(text("ALTER TABLE jobs ADD COLUMN error_kind VARCHAR"))
@@ -83,3 +109,24 @@ def _migrate(engine: Engine) -> None:
             " json_extract(params, '$.config'), phase, step, total, losses, message, error, adapter_id, heartbeat,"
             " cancel_requested, created, updated FROM jobs_v1"))
         connection.execute(text("DROP TABLE jobs_v1"))
+
+
+def _name_unique_alone(engine: Engine) -> bool:
+    """Whether the adapters table still has the library-wide UNIQUE(name) of before users."""
+    inspector = inspect(engine)
+    constraints = [c["column_names"] for c in inspector.get_unique_constraints("adapters")]
+    constraints += [i["column_names"] for i in inspector.get_indexes("adapters") if i.get("unique") and i["name"] != "adapters_unowned_name"]
+    return ["name"] in constraints
+
+
+def _rebuild_adapters(engine: Engine) -> None:
+    """Copy the adapters into a table of today's shape, in one transaction (SQLite cannot drop a column's UNIQUE)."""
+    old = [c["name"] for c in inspect(engine).get_columns("adapters")]
+    with engine.begin() as connection:
+        connection.execute(text("ALTER TABLE adapters RENAME TO adapters_v1"))
+        for index in adapters.indexes:  # SQLite keeps index names across the rename: drop them before creating anew
+            connection.execute(text(f"DROP INDEX IF EXISTS {index.name}"))
+        adapters.create(connection)
+        columns = ", ".join(engine.dialect.identifier_preparer.quote(c.name) for c in adapters.columns if c.name in old)
+        connection.execute(text(f"INSERT INTO adapters ({columns}) SELECT {columns} FROM adapters_v1"))
+        connection.execute(text("DROP TABLE adapters_v1"))

@@ -105,6 +105,7 @@ class Job:
     created: float
     updated: float
     folder: Path
+    owner: str | None = None  # the user it belongs to (None: no one in particular); its adapter gets the same
 
     @property
     def name(self) -> str:
@@ -137,7 +138,7 @@ class Job:
                 "losses": self.losses, "message": self.message, "error": self.error,
                 "error_kind": self.error_kind and str(self.error_kind), "resumable": self.resumable, "adapter": adapter_name,
                 "adapter_id": self.adapter_id, "runner": runner, "cancel_requested": self.cancel_requested,
-                "created": self.created, "updated": self.updated, "config": self.config,
+                "created": self.created, "updated": self.updated, "config": self.config, "owner": self.owner,
                 "meter": meter.get("meter", []), "chosen_step": meter.get("chosen_step")}
 
 
@@ -209,7 +210,12 @@ def _runner_values(runner: Runner | None) -> dict:
 
 
 class Jobs:
-    """The jobs of one library: rows in its database and folders under <data root>/jobs/."""
+    """The jobs of one library: rows in its database and folders under <data root>/jobs/.
+
+    Scoped like its library (Library.for_user): a user's Jobs lists, reads, cancels, resumes and deletes only that
+    user's jobs (another user's reads exactly like a missing one) and records the user on the jobs it creates. The
+    runner's side (claim_next, hand_over, beat, update) and reap work on every job: the worker serves everyone.
+    """
 
     def __init__(self, library: Library):
         self.library = library
@@ -244,7 +250,7 @@ class Jobs:
             db.execute(insert(jobs_table).values(
                 id=job_id, status=str(status), config=json.dumps({**config.to_dict(), "name": name}), phase=str(status),
                 step=0, total=0, losses="[]", message="", cancel_requested=0, created=now, updated=now,
-                **_runner_values(runner)))
+                owner=self.library.user, **_runner_values(runner)))
         self.log(job_id, f"created ({status}) for adapter {name!r}")
         if config.token != asked:
             self.log(job_id, f"identifier {asked!r} is in use on {config.base_model}: this subject is called {config.token!r}")
@@ -253,13 +259,17 @@ class Jobs:
     def with_free_identifier(self, config: TrainConfig) -> TrainConfig:
         """`config` with an identifier no adapter in the library and no unfinished job on its base model uses, so
         that subjects can be mixed (identifier.choose_identifier: a frozen embedding's identifier is refused instead)."""
+        # library-wide (subjects of different users share a base model's words); another user's is not named
         users: dict[str, str] = {}
-        for entry in self.library.list():
+        everyone = self.library.everyone()
+        for entry in everyone.list():
             if entry.base_model == config.base_model:
-                users.update({word: f"adapter {entry.name!r}" for word in identifiers_in_use([entry.token]) if word not in users})
-        for job in self.list((JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.INTERRUPTED)):
+                what = f"adapter {entry.name!r}" if self.library.owns(entry.owner) else "another user's adapter"
+                users.update({word: what for word in identifiers_in_use([entry.token]) if word not in users})
+        for job in Jobs(everyone).list((JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.INTERRUPTED)):
             if job.config.get("base_model") == config.base_model:
-                users.update({word: f"job {job.id}" for word in identifiers_in_use([job.config.get("token")]) if word not in users})
+                what = f"job {job.id}" if self.library.owns(job.owner) else "another user's job"
+                users.update({word: what for word in identifiers_in_use([job.config.get("token")]) if word not in users})
         trains = config.train_token_embedding if config.train_token_embedding is not None else uses_tiny_defaults(config.base_model)
         token = choose_identifier(config.token, set(users), trains, users)
         return replace(config, token=token, instance_prompt=rename_in_prompt(config.instance_prompt, config.token, token))
@@ -268,7 +278,7 @@ class Jobs:
     def get(self, job_id: str) -> Job:
         self.reap()
         with self.engine.connect() as db:
-            row = db.execute(select(jobs_table).where(jobs_table.c.id == job_id)).mappings().first()
+            row = db.execute(self._visible(select(jobs_table)).where(jobs_table.c.id == job_id)).mappings().first()
         if row is None:
             raise UserError(f"No job {job_id!r} under {self.library.root}.")
         return self._job(row)
@@ -276,11 +286,14 @@ class Jobs:
     def list(self, statuses: tuple[JobStatus, ...] | None = None) -> list[Job]:
         """Newest first."""
         self.reap()
-        query = select(jobs_table).order_by(jobs_table.c.created.desc(), jobs_table.c.id.desc())
+        query = self._visible(select(jobs_table)).order_by(jobs_table.c.created.desc(), jobs_table.c.id.desc())
         if statuses is not None:
             query = query.where(jobs_table.c.status.in_([str(s) for s in statuses]))
         with self.engine.connect() as db:
             return [self._job(row) for row in db.execute(query).mappings().all()]
+
+    def _visible(self, query):
+        return query if self.library.admin else query.where(self.library._mine(jobs_table.c.owner))
 
     def adapter_name(self, job: Job) -> str | None:
         if not job.adapter_id:
@@ -323,7 +336,7 @@ class Jobs:
             if job_id is None:
                 return None
             if self._take(job_id, runner, (JobStatus.QUEUED,)):
-                return self.get(job_id)
+                return self.get(job_id)  # (the worker's Jobs sees every job)
             # another worker took it between the two statements: try the next one
 
     def claim(self, job_id: str, runner: Runner) -> Job:
@@ -491,7 +504,7 @@ class Jobs:
                    error_kind=ErrorKind(row["error_kind"]) if row["error_kind"] else None,
                    adapter_id=row["adapter_id"], runner=_runner(row),
                    cancel_requested=bool(row["cancel_requested"]), created=row["created"] or 0.0,
-                   updated=row["updated"] or 0.0, folder=self.folder(row["id"]))
+                   updated=row["updated"] or 0.0, folder=self.folder(row["id"]), owner=row["owner"])
 
 
 def _runner(row) -> Runner | None:

@@ -37,6 +37,7 @@ class AdapterEntry:
     size_bytes: int
     meta: dict
     folder: Path
+    owner: str | None = None  # the user it belongs to (None: no one in particular)
 
     @property
     def file(self) -> Path:
@@ -68,25 +69,58 @@ class AdapterEntry:
             "alpha": self.alpha, "steps": self.steps, "created": self.created,
             "created_iso": time.strftime("%Y-%m-%d %H:%M", time.localtime(self.created)),
             "size_bytes": self.size_bytes, "file": str(self.file), "samples": [str(p) for p in self.samples],
+            "owner": self.owner,
         }
 
 
 class Library:
-    """Adapters under one data root; the database is the single source of truth for listings."""
+    """Adapters under one data root; the database is the single source of truth for listings.
 
-    def __init__(self, root: Path):
+    A library acts for a user (`serve --users`): `for_user(name)` is a view that lists, reads, renames, exports and
+    deletes only that user's adapters (another user's reads exactly like a missing one) and records the user as the
+    owner of what it adds. `Library(root)` acts for no one in particular and, like an admin's view, sees every
+    adapter; what it adds belongs to no one (owner NULL). Names are unique per owner.
+    """
+
+    def __init__(self, root: Path, user: str | None = None, admin: bool = True):
         self.root = Path(root)
+        self.user, self.admin = user, admin
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "adapters").mkdir(exist_ok=True)
         (self.root / "jobs").mkdir(exist_ok=True)
         self.engine = engine_for(database_url(self.root))
+
+    # ----- whose -----
+    def for_user(self, user: str | None, admin: bool = False) -> "Library":
+        """The same library acting for `user`: only their adapters (all of them for an admin); adds are theirs."""
+        return Library(self.root, user, admin)
+
+    def everyone(self) -> "Library":
+        """A view of every adapter (library-wide rules such as the identifiers in use), acting for no one."""
+        return self if self.user is None and self.admin else Library(self.root)
+
+    @property
+    def history_root(self) -> Path:
+        """Where this user's generation history lives (dreambooth_lora.history): the data root for no one."""
+        return self.root if self.user is None else self.root / "users" / self.user
+
+    def owns(self, owner: str | None) -> bool:
+        """Whether a row with this owner is visible here."""
+        return self.admin or owner == self.user
+
+    def _mine(self, column):
+        """The owner condition of rows this library acts on: NULL-safe equality with its user."""
+        return column.is_(None) if self.user is None else column == self.user
+
+    def _visible(self, query):
+        return query if self.admin else query.where(self._mine(adapters.c.owner))
 
     # ----- adapters -----
     def new_adapter_id(self) -> str:
         return new_id()
 
     def add_adapter(self, staged_folder: Path, meta: dict) -> AdapterEntry:
-        """Move a fully written staging folder into adapters/<id>/ and index it, all or nothing."""
+        """Move a fully written staging folder into adapters/<id>/ and index it, all or nothing; it is this user's."""
         name = validate_name(meta["name"], "adapter name")
         adapter_id = meta["id"]
         final = self.root / "adapters" / adapter_id
@@ -95,9 +129,9 @@ class Library:
         row = dict(id=adapter_id, name=name, token=meta.get("token", ""), class_noun=meta.get("class_noun", ""),
                    base_model=meta.get("base_model", ""), fingerprint=meta.get("fingerprint", ""),
                    rank=int(meta.get("rank", 0)), alpha=float(meta.get("alpha", 0)), steps=int(meta.get("steps", 0)),
-                   created=float(meta.get("created", time.time())), size_bytes=size, meta=json.dumps(meta))
+                   created=float(meta.get("created", time.time())), size_bytes=size, meta=json.dumps(meta), owner=self.user)
         with self.engine.begin() as db:
-            if db.execute(select(adapters.c.id).where(adapters.c.name == name)).first():
+            if db.execute(select(adapters.c.id).where(adapters.c.name == name, self._mine(adapters.c.owner))).first():
                 raise UserError(f"An adapter named {name!r} already exists; choose another name.")
             # Folder first, row second, in one transaction: a crash between them leaves an unlisted folder
             # (never a listed adapter without its files); a failed insert moves the folder back.
@@ -111,7 +145,7 @@ class Library:
             except BaseException:
                 final.rename(staged_folder)
                 raise
-        return self.get(name)
+        return self.get(adapter_id)
 
     def staging_folder(self) -> Path:
         folder = self.root / "adapters" / f".staging-{uuid.uuid4().hex}"
@@ -119,28 +153,38 @@ class Library:
         return folder
 
     def name_taken(self, name: str) -> bool:
+        """Whether an adapter this library would add could not have this name (names are unique per owner)."""
         with self.engine.connect() as db:
-            return db.execute(select(adapters.c.id).where(adapters.c.name == name)).first() is not None
+            return db.execute(select(adapters.c.id).where(adapters.c.name == name, self._mine(adapters.c.owner))).first() is not None
 
     def list(self) -> list[AdapterEntry]:
         with self.engine.connect() as db:
-            rows = db.execute(select(adapters).order_by(adapters.c.created.desc())).mappings().all()
+            rows = db.execute(self._visible(select(adapters)).order_by(adapters.c.created.desc())).mappings().all()
         return [self._entry(row) for row in rows]
 
     def get(self, name_or_id: str) -> AdapterEntry:
+        """By id, else by name; an admin seeing several adapters of that name gets their own (else names the ids)."""
         with self.engine.connect() as db:
-            row = db.execute(select(adapters).where(or_(adapters.c.name == name_or_id, adapters.c.id == name_or_id))).mappings().first()
-        if row is None:
+            rows = db.execute(self._visible(select(adapters)).where(
+                or_(adapters.c.name == name_or_id, adapters.c.id == name_or_id))).mappings().all()
+        rows = [r for r in rows if r["id"] == name_or_id] or rows
+        if len(rows) > 1:
+            rows = [r for r in rows if r["owner"] == self.user] or rows
+        if len(rows) > 1:
+            ids = ", ".join(f"{r['id']} ({r['owner'] or 'no user'})" for r in rows)
+            raise UserError(f"Several users have an adapter named {name_or_id!r}; name one by its id: {ids}.")
+        if not rows:
             known = ", ".join(e.name for e in self.list()[:10]) or "none yet"
             raise UserError(f"No adapter named {name_or_id!r} in the library (known: {known}).")
-        return self._entry(row)
+        return self._entry(rows[0])
 
     def rename(self, name: str, new_name: str) -> AdapterEntry:
         entry = self.get(name)
         validate_name(new_name, "adapter name")
         meta = dict(entry.meta, name=new_name)
+        owner = adapters.c.owner.is_(None) if entry.owner is None else adapters.c.owner == entry.owner
         with self.engine.begin() as db:
-            if db.execute(select(adapters.c.id).where(adapters.c.name == new_name, adapters.c.id != entry.id)).first():
+            if db.execute(select(adapters.c.id).where(adapters.c.name == new_name, owner, adapters.c.id != entry.id)).first():
                 raise UserError(f"An adapter named {new_name!r} already exists.")
             db.execute(update(adapters).where(adapters.c.id == entry.id).values(name=new_name, meta=json.dumps(meta)))
         atomic_write_bytes(entry.folder / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
@@ -160,7 +204,7 @@ class Library:
             id=row["id"], name=row["name"], token=row["token"], class_noun=row["class_noun"],
             base_model=row["base_model"], fingerprint=row["fingerprint"], rank=row["rank"], alpha=row["alpha"],
             steps=row["steps"], created=row["created"], size_bytes=row["size_bytes"], meta=json.loads(row["meta"]),
-            folder=self.root / "adapters" / row["id"],
+            folder=self.root / "adapters" / row["id"], owner=row["owner"],
         )
 
 

@@ -112,11 +112,14 @@ def run_training(
     should_stop: Callable[[], bool] = lambda: False,
     sample_every: int = 0,
 ) -> TrainResult:
-    """Train the job's adapter from its checkpoint (if any) to the end and add it to the library."""
+    """Train the job's adapter from its checkpoint (if any) to the end and add it to the library (as its job's
+    owner's: the worker trains every user's jobs)."""
     started, perf_started = time.time(), time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     job = Jobs(library).get(job_id)
+    if job.owner != library.user:
+        library = library.for_user(job.owner)
     run = prepare_run(job.train_config(), job.folder, prior_dir, on_progress)
     train_steps(run, job.folder, on_progress, should_stop, sample_every, perf_started)
     return finish_run(library, run, job_id, on_progress, started, perf_started)
