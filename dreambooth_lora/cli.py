@@ -478,7 +478,7 @@ def cmd_jobs(args) -> int:
             rows = [("JOB", "STATUS", "PHASE", "STEP", "NAME", "UPDATED")]
             rows += [(j.id, str(j.status), j.phase, f"{j.step}/{j.total}" if j.total else str(j.step), j.name,
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.updated))) for j in listed]
-            _print_rows(rows)
+            _print_rows(_with_users(rows, [j.owner for j in listed]))
     elif args.action == "show":
         job = jobs.get(args.job)
         record = job.to_dict(jobs.adapter_name(job))
@@ -512,7 +512,14 @@ def _print_table(entries) -> None:
     for e in entries:
         s = e.summary()
         rows.append((e.name, e.token, e.class_noun, e.base_model, str(e.rank), str(e.steps), s["created_iso"], f"{e.size_bytes / 1024:.0f} KB"))
-    _print_rows(rows)
+    _print_rows(_with_users(rows, [e.owner for e in entries]))
+
+
+def _with_users(rows: list[tuple[str, ...]], owners: list) -> list[tuple[str, ...]]:
+    """A USER column (`serve --users`; "-": no user) once any row has one: the CLI sees every user's."""
+    if not any(owners):
+        return rows
+    return [(*rows[0], "USER"), *[(*row, owner or "-") for row, owner in zip(rows[1:], owners)]]
 
 
 def _print_rows(rows: list[tuple[str, ...]]) -> None:

@@ -207,3 +207,18 @@ def test_a_library_from_before_users_keeps_working(tmp_path):
     assert library.for_user("alice").list() == [] and Jobs(library.for_user("alice")).list() == []
     assert library.name_taken("dog") and not library.for_user("alice").name_taken("dog")
     assert {"owner"} <= {c["name"] for c in inspect(library.engine).get_columns("adapters")}
+
+
+def test_the_cli_lists_every_users_adapters_and_jobs_with_their_user(capsys, root, subject_images):
+    library = Library(root)
+    add_untrained_adapter(library.for_user("alice"), "dog")
+    add_untrained_adapter(library, "cat")
+    Jobs(library.for_user("bob")).create(TrainConfig(token="sks", class_noun="box", base_model="builtin:tiny-random",
+                                                     name="box"), subject_images)
+    code, out, _ = run(capsys, "library", "list", "--data-root", root)
+    assert code == 0 and out.splitlines()[0].endswith("USER")
+    assert {line.split()[0]: line.split()[-1] for line in out.splitlines()[1:]} == {"dog": "alice", "cat": "-"}
+    code, out, _ = run(capsys, "jobs", "list", "--data-root", root)
+    assert code == 0 and out.splitlines()[1].endswith("bob")
+    code, out, _ = run(capsys, "library", "show", "dog", "--data-root", root)
+    assert json.loads(out)["owner"] == "alice"
