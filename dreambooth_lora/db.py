@@ -41,6 +41,8 @@ jobs = Table(
     Column("heartbeat", Float),
     Column("cancel_requested", Integer, default=0),
     Column("created", Float), Column("updated", Float),
+    Column("runner_node", String),  # the Ray node of its runner (worker --engine ray)
+    Column("requeues", Integer, default=0),  # times queued again after a lost runner (ray_dispatch.py)
 )
 
 
@@ -62,16 +64,26 @@ def engine_for(url: str) -> Engine:
         engine = create_engine(url, pool_pre_ping=True)
     _migrate(engine)
     metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Tables from an older version get the nullable columns added since (their rows read them as empty)."""
+    inspector = inspect(engine)
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present:
+                kind = column.type.compile(dialect=engine.dialect)
+                with engine.begin() as connection:
+                    connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 def _migrate(engine: Engine) -> None:
     """Data roots from before the jobs module kept jobs as `params` JSON with a `worker_pid`: convert them.
-    Jobs tables from before `error_kind` get the column (empty: their failures read as crashes, resumable)."""
+    Columns added since (error_kind: their failures read as crashes, resumable) come in _add_missing_columns."""
     names = inspect(engine).get_table_names()
-    if "jobs" in names and {"params", "error_kind"}.isdisjoint(c["name"] for c in inspect(engine).get_columns("jobs")):
-        with engine.begin() as connection:
-            connection.execute(text("ALTER TABLE jobs ADD COLUMN error_kind VARCHAR"))
     if "jobs" not in names or "params" not in {c["name"] for c in inspect(engine).get_columns("jobs")}:
         return
     with engine.begin() as connection:
