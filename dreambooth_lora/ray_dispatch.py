@@ -68,7 +68,13 @@ def connect(address: str | None = None):
 def train_task(root: str, prior: str | None, job_id: str, env: dict) -> dict:
     """The body of one Ray task: claim the job if it is still queued, train it here, return how it ended."""
     os.environ.update(env)  # a fresh worker process per task: nothing leaks into the next one
+    import signal
+
     import ray
+
+    # ray.cancel interrupts the task as a SIGINT would; a worker started from a shell's background job (or under
+    # nohup) inherits SIGINT ignored, and the cancel would then do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     library = Library(Path(root))
     jobs = Jobs(library)
@@ -214,10 +220,10 @@ def run_dispatcher(library: Library, prior_dir: Path | None, address: str | None
     import signal
 
     stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
+    connect(address)
+    if threading.current_thread() is threading.main_thread():  # after ray.init, whose own SIGTERM handler dumps and dies
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
-    connect(address)
     dispatcher = Dispatcher(library, prior_dir)
     resources = dispatcher.ray.cluster_resources()
     dispatcher.say(f"joined Ray: {len(dispatcher.ray.nodes())} node(s), {resources.get('GPU', 0):g} GPU(s), "
