@@ -22,7 +22,8 @@ WORKER_STOP_SECONDS = 30  # the worker finishes its current step and writes a ch
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
-          data_root: str | None = None, prior_dir: str | None = None, users: str | None = None) -> int:
+          data_root: str | None = None, prior_dir: str | None = None, engine: str = "local",
+          ray_address: str | None = None, users: str | None = None) -> int:
     """Run the studio until Ctrl-C or SIGTERM; the worker is stopped (job checkpointed) on the way out.
 
     `users`: a users file (dreambooth_lora.users): each person logs in as one of its users and sees their own
@@ -43,7 +44,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
     for job_id in Jobs(library).reap():
         print(f"job {job_id} lost its runner (a crash or a server restart): marked interrupted (resumable)", file=sys.stderr)
     demo = build_ui(library, prior, users_file)
-    supervisor = WorkerSupervisor(library, prior)
+    supervisor = WorkerSupervisor(library, prior, engine_args(engine, ray_address))
     supervisor.start()
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
@@ -65,15 +66,15 @@ class WorkerSupervisor:
     CHECK_SECONDS = 1.0
     BACKOFF_SECONDS = 30.0  # after 3 deaths within a minute: a worker that cannot start should not spin
 
-    def __init__(self, library: Library, prior: Path):
-        self.library, self.prior = library, prior
+    def __init__(self, library: Library, prior: Path, worker_args: list[str] = ()):
+        self.library, self.prior, self.worker_args = library, prior, list(worker_args)
         self.worker: subprocess.Popen | None = None
         self.deaths: list[float] = []
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
 
     def start(self) -> None:
-        self.worker = start_worker(self.library.root, self.prior)
+        self.worker = start_worker(self.library.root, self.prior, self.worker_args)
         self._thread.start()
 
     def stop(self) -> None:
@@ -95,7 +96,7 @@ class WorkerSupervisor:
                       "and reads interrupted (resumable); starting a new worker")
             if len(self.deaths) >= 3 and self._stopped.wait(self.BACKOFF_SECONDS):
                 return
-            self.worker = start_worker(self.library.root, self.prior)
+            self.worker = start_worker(self.library.root, self.prior, self.worker_args)
 
     def _say(self, line: str) -> None:
         stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} serve: {line}"
@@ -113,9 +114,17 @@ def parse_auth(auth: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def start_worker(root: Path, prior: Path) -> subprocess.Popen:
+def engine_args(engine: str, ray_address: str | None) -> list[str]:
+    """The worker's flags for an engine: `--engine ray` makes it the Ray dispatcher (dreambooth_lora/ray_dispatch.py)."""
+    if engine == "local":
+        return []
+    return ["--engine", engine] + (["--ray-address", ray_address] if ray_address else [])
+
+
+def start_worker(root: Path, prior: Path, worker_args: list[str] = ()) -> subprocess.Popen:
     """One `dreambooth-lora worker` child with the same data root and prior cache; its output goes to worker.log."""
-    command = [sys.executable, "-m", "dreambooth_lora.cli", "worker", "--data-root", str(root), "--prior-dir", str(prior)]
+    command = [sys.executable, "-m", "dreambooth_lora.cli", "worker", "--data-root", str(root), "--prior-dir", str(prior),
+               *worker_args]
     with open(root / "worker.log", "ab") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 preexec_fn=terminate_with_parent if sys.platform == "linux" else None)

@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     logins.add_argument("--users", default=None, metavar="FILE",
                         help="a login per person from this users file (`users add`); each sees only their own adapters, "
                              "jobs and generations, an admin everyone's")
+    engine_flags(serve)
 
     users = sub.add_parser("users", help="Manage the users file of `serve --users`.",
                            description="Manage the users file of `serve --users`.")
@@ -209,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = command("worker", "Run queued training jobs one at a time (serve starts one).")
     w.add_argument("--until-idle", action="store_true", help="stop when the queue is empty instead of waiting for more")
     w.add_argument("--job", metavar="JOB", help="(used by the worker itself) train the job this process's parent worker claimed")
+    engine_flags(w)
 
     jobs = command("jobs", "List and manage training jobs (queued, running and finished).")
     jsub = jobs.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -234,16 +236,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def engine_flags(parser) -> None:
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="who trains queued jobs: local (one job at a time on this machine; default) or ray (each job "
+                        "a Ray task needing one GPU, on any machine of the Ray cluster; needs the cluster extra)")
+    parser.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                        help="with --engine ray: the cluster to join (default $RAY_ADDRESS, else a `ray start` instance "
+                        "on this machine, else a private local one; 'local' forces the latter)")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.command == "serve" or args.command == "worker" and not args.job:
+        if args.command == "serve" or args.command == "worker" and not args.job and args.engine == "local":
             wait_passively()  # before quiet_libraries imports torch
         quiet_libraries()
         return HANDLERS[args.command](args) or 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # `dreambooth-lora jobs list | head`: the reader has gone, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second complaint when Python flushes
+        return 0
 
 
 def _library(args):
@@ -422,7 +436,7 @@ def cmd_serve(args) -> int:
     from app.server import serve
 
     return serve(host=args.host, port=args.port, auth=args.auth, data_root=args.data_root, prior_dir=args.prior_dir,
-                 users=args.users)
+                 engine=args.engine, ray_address=args.ray_address, users=args.users)
 
 
 def cmd_users(args) -> int:
@@ -446,6 +460,11 @@ def cmd_worker(args) -> int:
         from .worker import run_claimed_job
 
         return run_claimed_job(_library(args), args.job, args.prior_dir)
+    if args.engine == "ray":
+        from .ray_dispatch import run_dispatcher
+
+        return run_dispatcher(_library(args), args.prior_dir and Path(args.prior_dir).resolve(), args.ray_address,
+                              until_idle=args.until_idle)
     from .worker import run_worker
 
     return run_worker(_library(args), args.prior_dir, until_idle=args.until_idle, isolate=True)

@@ -49,6 +49,8 @@ jobs = Table(
     Column("heartbeat", Float),
     Column("cancel_requested", Integer, default=0),
     Column("created", Float), Column("updated", Float),
+    Column("runner_node", String),  # the Ray node of its runner (worker --engine ray)
+    Column("requeues", Integer, default=0),  # times queued again after a lost runner (ray_dispatch.py)
     Column("owner", String),  # as adapters.owner; the adapter a job saves gets its job's owner
 )
 
@@ -76,28 +78,25 @@ def engine_for(url: str) -> Engine:
 
 
 def _add_missing_columns(engine: Engine) -> None:
-    """Tables from before a nullable column was added get it, empty (e.g. `owner`: their rows belong to no one)."""
+    """Tables from an older version get the nullable columns added since (their rows read them as empty; `owner`:
+    their rows belong to no one)."""
     inspector = inspect(engine)
     for table in metadata.sorted_tables:
         present = {c["name"] for c in inspector.get_columns(table.name)}
         for column in table.columns:
-            if column.name not in present and column.nullable and not column.primary_key:
+            if column.name not in present:
                 kind = column.type.compile(dialect=engine.dialect)
                 with engine.begin() as connection:
-                    connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN "
-                                            f"{engine.dialect.identifier_preparer.quote(column.name)} {kind}"))
+                    connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 def _migrate(engine: Engine) -> None:
     """Data roots from before the jobs module kept jobs as `params` JSON with a `worker_pid`: convert them.
-    Jobs tables from before `error_kind` get the column (empty: their failures read as crashes, resumable).
+    Columns added since (error_kind: their failures read as crashes, resumable) come in _add_missing_columns.
     Adapters tables from before users had `name` unique across the library: rebuilt with names unique per owner."""
     names = inspect(engine).get_table_names()
     if "adapters" in names and _name_unique_alone(engine):
         _rebuild_adapters(engine)
-    if "jobs" in names and {"params", "error_kind"}.isdisjoint(c["name"] for c in inspect(engine).get_columns("jobs")):
-        with engine.begin() as connection:
-            connection.execute(text("ALTER TABLE jobs ADD COLUMN error_kind VARCHAR"))
     if "jobs" not in names or "params" not in {c["name"] for c in inspect(engine).get_columns("jobs")}:
         return
     with engine.begin() as connection:
@@ -111,22 +110,31 @@ def _migrate(engine: Engine) -> None:
         connection.execute(text("DROP TABLE jobs_v1"))
 
 
-def _name_unique_alone(engine: Engine) -> bool:
-    """Whether the adapters table still has the library-wide UNIQUE(name) of before users."""
+def _name_unique_alone(engine: Engine) -> str | None:
+    """The name of the adapters table's library-wide UNIQUE(name) of before users, if it still has one."""
     inspector = inspect(engine)
-    constraints = [c["column_names"] for c in inspector.get_unique_constraints("adapters")]
-    constraints += [i["column_names"] for i in inspector.get_indexes("adapters") if i.get("unique") and i["name"] != "adapters_unowned_name"]
-    return ["name"] in constraints
+    found = [c for c in inspector.get_unique_constraints("adapters") if c["column_names"] == ["name"]]
+    found += [i for i in inspector.get_indexes("adapters") if i.get("unique") and i["column_names"] == ["name"]
+              and i["name"] != "adapters_unowned_name"]
+    return (found[0]["name"] or "unnamed") if found else None
 
 
 def _rebuild_adapters(engine: Engine) -> None:
-    """Copy the adapters into a table of today's shape, in one transaction (SQLite cannot drop a column's UNIQUE)."""
+    """Names unique per owner instead: SQLite cannot drop a column's UNIQUE, so its table is copied into one of
+    today's shape (one transaction); other databases drop the constraint and get the indexes."""
+    if engine.dialect.name != "sqlite":
+        constraint = _name_unique_alone(engine)
+        with engine.begin() as connection:
+            connection.execute(text(f'ALTER TABLE adapters DROP CONSTRAINT "{constraint}"'))
+            if "owner" not in {c["name"] for c in inspect(connection).get_columns("adapters")}:
+                connection.execute(text('ALTER TABLE adapters ADD COLUMN "owner" VARCHAR'))
+            for index in adapters.indexes:
+                index.create(connection)
+        return
     old = [c["name"] for c in inspect(engine).get_columns("adapters")]
     with engine.begin() as connection:
         connection.execute(text("ALTER TABLE adapters RENAME TO adapters_v1"))
-        for index in adapters.indexes:  # SQLite keeps index names across the rename: drop them before creating anew
-            connection.execute(text(f"DROP INDEX IF EXISTS {index.name}"))
         adapters.create(connection)
-        columns = ", ".join(engine.dialect.identifier_preparer.quote(c.name) for c in adapters.columns if c.name in old)
+        columns = ", ".join(f'"{c.name}"' for c in adapters.columns if c.name in old)
         connection.execute(text(f"INSERT INTO adapters ({columns}) SELECT {columns} FROM adapters_v1"))
         connection.execute(text("DROP TABLE adapters_v1"))

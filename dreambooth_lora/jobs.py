@@ -20,7 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Callable
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 
 from .adapter_file import check_new_name, free_name
 from .checkpoint import checkpoint_step
@@ -75,11 +75,12 @@ class Runner:
     pid: int
     started: float
     heartbeat: float
+    node: str | None = None  # the Ray node it runs on (worker --engine ray), else None
 
     @classmethod
-    def this_process(cls) -> "Runner":
+    def this_process(cls, node: str | None = None) -> "Runner":
         now = time.time()
-        return cls(HOST, os.getpid(), now, now)
+        return cls(HOST, os.getpid(), now, now, node)
 
     def gone(self, now: float | None = None) -> bool:
         if self.host == HOST and not pid_alive(self.pid):
@@ -105,6 +106,7 @@ class Job:
     created: float
     updated: float
     folder: Path
+    requeues: int = 0  # times the Ray dispatcher queued it again after its node was lost (ray_dispatch.py)
     owner: str | None = None  # the user it belongs to (None: no one in particular); its adapter gets the same
 
     @property
@@ -131,14 +133,15 @@ class Job:
 
     def to_dict(self, adapter_name: str | None = None) -> dict:
         """The JSON of `jobs show --json`; `adapter` is the adapter's current name (None until saved)."""
-        runner = None if self.runner is None else {"host": self.runner.host, "pid": self.runner.pid,
+        runner = None if self.runner is None else {"host": self.runner.host, "pid": self.runner.pid, "node": self.runner.node,
                                                    "started": self.runner.started, "heartbeat": self.runner.heartbeat}
         meter = self.meter_record
         return {"id": self.id, "status": str(self.status), "phase": self.phase, "step": self.step, "total": self.total,
                 "losses": self.losses, "message": self.message, "error": self.error,
                 "error_kind": self.error_kind and str(self.error_kind), "resumable": self.resumable, "adapter": adapter_name,
                 "adapter_id": self.adapter_id, "runner": runner, "cancel_requested": self.cancel_requested,
-                "created": self.created, "updated": self.updated, "config": self.config, "owner": self.owner,
+                "created": self.created, "updated": self.updated, "config": self.config, "requeues": self.requeues,
+                "owner": self.owner,
                 "meter": meter.get("meter", []), "chosen_step": meter.get("chosen_step")}
 
 
@@ -200,13 +203,14 @@ def pid_alive(pid: int | None) -> bool:
     return True
 
 
-_RUNNER_COLUMNS = ("runner_host", "runner_pid", "runner_started", "heartbeat")
+_RUNNER_COLUMNS = ("runner_host", "runner_pid", "runner_started", "heartbeat", "runner_node")
 
 
 def _runner_values(runner: Runner | None) -> dict:
     if runner is None:
         return dict.fromkeys(_RUNNER_COLUMNS)
-    return dict(runner_host=runner.host, runner_pid=runner.pid, runner_started=runner.started, heartbeat=runner.heartbeat)
+    return dict(runner_host=runner.host, runner_pid=runner.pid, runner_started=runner.started, heartbeat=runner.heartbeat,
+                runner_node=runner.node)
 
 
 class Jobs:
@@ -244,6 +248,7 @@ class Jobs:
         images.mkdir(parents=True)
         for index, path in enumerate(files):
             shutil.copyfile(path, images / f"{index:02d}{Path(path).suffix.lower()}")
+        self.library.keep(images)  # in the store before the row: any machine can train it (store.py)
         now = time.time()
         runner = Runner.this_process() if status == JobStatus.RUNNING else None
         with self.engine.begin() as db:
@@ -339,6 +344,10 @@ class Jobs:
                 return self.get(job_id)  # (the worker's Jobs sees every job)
             # another worker took it between the two statements: try the next one
 
+    def claim_queued(self, job_id: str, runner: Runner) -> Job | None:
+        """Take one queued job (a Ray task starting, ray_dispatch.py); None when it is not queued any more."""
+        return self.get(job_id) if self._take(job_id, runner, (JobStatus.QUEUED,)) else None
+
     def claim(self, job_id: str, runner: Runner) -> Job:
         """Take one job to run in this process (`train --resume`): a queued or resumable one, never a running one."""
         job = self.get(job_id)
@@ -360,7 +369,7 @@ class Jobs:
                      updated=time.time(),
                      message="", **_runner_values(runner))).rowcount == 1
         if taken:
-            self.log(job_id, f"started on {runner.host} pid {runner.pid}")
+            self.log(job_id, f"started on {runner.host} pid {runner.pid}" + (f" (Ray node {runner.node})" if runner.node else ""))
         return taken
 
     def hand_over(self, job_id: str, from_pid: int, runner: Runner) -> Job:
@@ -392,6 +401,34 @@ class Jobs:
         with self.engine.begin() as db:
             db.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(updated=time.time(), **fields))
 
+    def lost(self, job_id: str, why: str) -> JobStatus | None:
+        """A running job whose runner is known to be gone (its Ray task failed with its node): cancelled when a
+        cancel was asked for, else interrupted (resumable). Returns the new status, None when it was not running."""
+        for status, cancelling in ((JobStatus.CANCELLED, 1), (JobStatus.INTERRUPTED, 0)):
+            with self.engine.begin() as db:
+                changed = db.execute(update(jobs_table).where(
+                    jobs_table.c.id == job_id, jobs_table.c.status.in_([str(s) for s in ACTIVE]),
+                    jobs_table.c.cancel_requested == cancelling,
+                ).values(status=str(status), phase=str(status), updated=time.time(),
+                         message=f"its runner was lost ({why}); resume to continue from the last checkpoint")).rowcount
+            if changed:
+                self.log(job_id, f"marked {status}: its runner was lost ({why})")
+                return status
+        return None
+
+    def requeue(self, job_id: str, most: int) -> str | None:
+        """Queue an interrupted job again (resume), at most `most` times in its life; returns what happens, in words,
+        or None when it has been queued again `most` times already (it stays interrupted)."""
+        with self.engine.begin() as db:
+            counted = db.execute(update(jobs_table).where(
+                jobs_table.c.id == job_id, jobs_table.c.status == str(JobStatus.INTERRUPTED),
+                func.coalesce(jobs_table.c.requeues, 0) < most,
+            ).values(requeues=func.coalesce(jobs_table.c.requeues, 0) + 1)).rowcount
+        if not counted:
+            self.log(job_id, f"not queued again: it was queued again {most} times already after lost runners")
+            return None
+        return self.resume(job_id)
+
     def cancel_requested(self, job_id: str) -> bool:
         with self.engine.connect() as db:
             return bool(db.execute(select(jobs_table.c.cancel_requested).where(jobs_table.c.id == job_id)).scalar())
@@ -422,6 +459,7 @@ class Jobs:
             raise UserError(f"Job {job_id} is {job.status}; only interrupted, cancelled or failed jobs can be resumed.")
         if not job.resumable:
             raise _failed_by_its_settings(job)
+        self.fetch(job_id)
         if not (job.folder / "images").is_dir():
             raise UserError(f"Job {job_id} has lost its photos ({job.folder / 'images'}); start a new job instead.")
         step = checkpoint_step(job.checkpoint)
@@ -469,15 +507,24 @@ class Jobs:
                 raise UserError(f"Job {job_id} changed meanwhile ({self.get(job_id).status}); try again.")
             if job.folder.exists():
                 job.folder.rename(trash)
+        if self.library.store is not None:
+            self.library.store.remove(job.folder)
         shutil.rmtree(trash, ignore_errors=True)
+
+    def fetch(self, job_id: str) -> None:
+        """Bring the job's photos and newest checkpoint from the store (when there is one) before it runs here."""
+        if self.library.store is not None:
+            self.library.store.fetch(self.folder(job_id))
 
     def mark_phase(self, job_id: str, phase: str, step: int, run: float) -> None:
         """Record that `phase` began (only the job's runner writes these, so read-append-write is safe)."""
         marks = [vars(m) for m in self.phases(job_id)] + [vars(PhaseMark(phase, time.time(), step, run))]
         atomic_write_bytes(self.folder(job_id) / PHASES_FILE, json.dumps(marks).encode())
+        self.library.keep(self.folder(job_id) / PHASES_FILE)
 
     def phases(self, job_id: str) -> list[PhaseMark]:
         path = self.folder(job_id) / PHASES_FILE
+        self._refresh(path)
         try:
             return [PhaseMark(**mark) for mark in json.loads(path.read_text())]
         except FileNotFoundError:
@@ -485,6 +532,7 @@ class Jobs:
 
     def read_log(self, job_id: str, max_lines: int = 200) -> str:
         """The last `max_lines` lines of the job's log (what happened, with every failure's traceback)."""
+        self._refresh(self.folder(job_id) / LOG_FILE)
         try:
             lines = (self.folder(job_id) / LOG_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
         except FileNotFoundError:
@@ -496,6 +544,13 @@ class Jobs:
         if folder.is_dir():
             with open(folder / LOG_FILE, "a", encoding="utf-8") as handle:
                 handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line.rstrip()}\n")
+            # Last writer wins in the store: lines two machines append at the same moment may miss one copy.
+            self.library.keep(folder / LOG_FILE)
+
+    def _refresh(self, path: Path) -> None:
+        """A job's log or phases as the store has them (its runner may be another machine)."""
+        if self.library.store is not None and path.parent.is_dir():
+            self.library.store.fetch_file(path)
 
     def _job(self, row) -> Job:
         return Job(id=row["id"], status=JobStatus(row["status"]), config=json.loads(row["config"]), phase=row["phase"] or "",
@@ -504,13 +559,15 @@ class Jobs:
                    error_kind=ErrorKind(row["error_kind"]) if row["error_kind"] else None,
                    adapter_id=row["adapter_id"], runner=_runner(row),
                    cancel_requested=bool(row["cancel_requested"]), created=row["created"] or 0.0,
-                   updated=row["updated"] or 0.0, folder=self.folder(row["id"]), owner=row["owner"])
+                   updated=row["updated"] or 0.0, folder=self.folder(row["id"]), requeues=row["requeues"] or 0,
+                   owner=row["owner"])
 
 
 def _runner(row) -> Runner | None:
     if row["runner_pid"] is None:
         return None
-    return Runner(row["runner_host"] or "", row["runner_pid"], row["runner_started"] or 0.0, row["heartbeat"] or 0.0)
+    return Runner(row["runner_host"] or "", row["runner_pid"], row["runner_started"] or 0.0, row["heartbeat"] or 0.0,
+                  row["runner_node"])
 
 
 def _failed_by_its_settings(job: Job) -> UserError:
@@ -552,6 +609,7 @@ def run_job(jobs: Jobs, job_id: str, prior_dir=None, *, observer: Callable | Non
                     message=f"saved adapter {saved} (before an interruption)")
         return jobs.get(job_id)
     runner = job.runner
+    jobs.fetch(job_id)  # from the store: this machine may not have trained it before
     writer = _ProgressWriter(jobs, job_id, observer)
     heartbeat = _Heartbeat(jobs, job_id, runner)
     heartbeat.start()
@@ -559,12 +617,13 @@ def run_job(jobs: Jobs, job_id: str, prior_dir=None, *, observer: Callable | Non
         result = run_training(jobs.library, job_id, prior_dir, on_progress=writer, should_stop=writer.stop_check(stop),
                               sample_every=sample_every)
     except TrainingStopped as stopped:
-        status = JobStatus.CANCELLED if writer.cancel_seen else JobStatus.INTERRUPTED
+        status = JobStatus.CANCELLED if writer.cancel_seen or jobs.cancel_requested(job_id) else JobStatus.INTERRUPTED
         jobs.update(job_id, status=status, phase=str(status), step=stopped.step, losses=writer.losses[: stopped.step],
                     message=f"{status} at step {stopped.step}; the checkpoint is kept, so it can be resumed")
     except KeyboardInterrupt:  # before the training loop (loading, class images): nothing to checkpoint yet
-        jobs.update(job_id, status=JobStatus.INTERRUPTED, phase=str(JobStatus.INTERRUPTED),
-                    message="interrupted before training started; resume to start it again")
+        status = JobStatus.CANCELLED if jobs.cancel_requested(job_id) else JobStatus.INTERRUPTED
+        jobs.update(job_id, status=status, phase=str(status),
+                    message=f"{status} before training started; resume to start it again")
     except Exception as error:  # noqa: BLE001 - any failure (bad input, out of memory) ends the job as failed
         jobs.log(job_id, "failed:\n" + traceback.format_exc())
         kind = ErrorKind.USER if isinstance(error, UserError) else ErrorKind.CRASH

@@ -19,6 +19,7 @@ from .db import adapters, database_url, engine_for
 from .errors import UserError
 from .faults import fault_point
 from .paths import atomic_write_bytes, validate_name
+from .store import store_for
 
 PHOTOS_FOLDER = "photos"  # an adapter's copies of the subject photos it was trained on
 
@@ -89,6 +90,13 @@ class Library:
         (self.root / "adapters").mkdir(exist_ok=True)
         (self.root / "jobs").mkdir(exist_ok=True)
         self.engine = engine_for(database_url(self.root))
+        self.store = store_for(self.root)  # None: the data root is the store (store.py)
+
+    def keep(self, *paths: Path) -> None:
+        """Put files or folders under the data root in the store (nothing to do without one)."""
+        if self.store is not None:
+            for path in paths:
+                self.store.put(path)
 
     # ----- whose -----
     def for_user(self, user: str | None, admin: bool = False) -> "Library":
@@ -133,17 +141,21 @@ class Library:
         with self.engine.begin() as db:
             if db.execute(select(adapters.c.id).where(adapters.c.name == name, self._mine(adapters.c.owner))).first():
                 raise UserError(f"An adapter named {name!r} already exists; choose another name.")
-            # Folder first, row second, in one transaction: a crash between them leaves an unlisted folder
-            # (never a listed adapter without its files); a failed insert moves the folder back.
+            # Folder first (in the store, then in place), row second, in one transaction: a crash between them
+            # leaves an unlisted folder (never a listed adapter without its files); a failed insert moves it back.
+            if self.store is not None:
+                self.store.put(staged_folder, as_path=final)
             staged_folder.rename(final)
             fault_point("saving")  # the folder is in place, its row not yet committed
             try:
                 db.execute(insert(adapters).values(**row))
             except IntegrityError:  # the same name added by another process a moment ago
                 final.rename(staged_folder)
+                self._unstore(final)
                 raise UserError(f"An adapter named {name!r} already exists; choose another name.") from None
             except BaseException:
                 final.rename(staged_folder)
+                self._unstore(final)
                 raise
         return self.get(adapter_id)
 
@@ -188,6 +200,7 @@ class Library:
                 raise UserError(f"An adapter named {new_name!r} already exists.")
             db.execute(update(adapters).where(adapters.c.id == entry.id).values(name=new_name, meta=json.dumps(meta)))
         atomic_write_bytes(entry.folder / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
+        self.keep(entry.folder / "meta.json")
         return self.get(entry.id)
 
     def delete(self, name: str) -> None:
@@ -197,14 +210,22 @@ class Library:
         with self.engine.begin() as db:
             db.execute(delete(adapters).where(adapters.c.id == entry.id))
             entry.folder.rename(trash)
+        self._unstore(entry.folder)
         shutil.rmtree(trash, ignore_errors=True)
 
+    def _unstore(self, folder: Path) -> None:
+        if self.store is not None:
+            self.store.remove(folder)
+
     def _entry(self, row) -> AdapterEntry:
+        folder = self.root / "adapters" / row["id"]
+        if self.store is not None and not folder.is_dir():  # trained or imported on another machine
+            self.store.fetch(folder)
         return AdapterEntry(
             id=row["id"], name=row["name"], token=row["token"], class_noun=row["class_noun"],
             base_model=row["base_model"], fingerprint=row["fingerprint"], rank=row["rank"], alpha=row["alpha"],
             steps=row["steps"], created=row["created"], size_bytes=row["size_bytes"], meta=json.loads(row["meta"]),
-            folder=self.root / "adapters" / row["id"], owner=row["owner"],
+            folder=folder, owner=row["owner"],
         )
 
 

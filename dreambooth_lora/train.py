@@ -121,7 +121,7 @@ def run_training(
     if job.owner != library.user:
         library = library.for_user(job.owner)
     run = prepare_run(job.train_config(), job.folder, prior_dir, on_progress)
-    train_steps(run, job.folder, on_progress, should_stop, sample_every, perf_started)
+    train_steps(run, job.folder, on_progress, should_stop, sample_every, perf_started, keep=library.keep)
     return finish_run(library, run, job_id, on_progress, started, perf_started)
 
 
@@ -236,8 +236,10 @@ def training_step(run: Run) -> torch.Tensor:
     return loss.detach()
 
 
-def train_steps(run: Run, job_dir: Path, on_progress, should_stop, sample_every: int, perf_started: float) -> None:
-    """Step to config.steps; losses are read every loss_every steps (reading one makes the host wait)."""
+def train_steps(run: Run, job_dir: Path, on_progress, should_stop, sample_every: int, perf_started: float,
+                keep: Callable = lambda *paths: None) -> None:
+    """Step to config.steps; losses are read every loss_every steps (reading one makes the host wait).
+    `keep(*paths)` puts each checkpoint (and the meter's record) and sample in the store (Library.keep)."""
     config, pending = run.config, []
     every = config.loss_every or (10 if run.device.type == "cuda" else 1)  # on CPU reading it costs nothing
 
@@ -253,6 +255,7 @@ def train_steps(run: Run, job_dir: Path, on_progress, should_stop, sample_every:
         read_losses()
         on_progress(Progress("checkpoint", run.step, config.steps))
         save_checkpoint(run.checkpoint_path, run.trainables.tensors(), run.optimizer, run.generator, run.step, run.losses)
+        keep(*(path for path in (job_dir / METER_CHECKPOINTS, job_dir / METER_FILE) if path.exists()), run.checkpoint_path)
         last_checkpoint, checkpointed_step = time.monotonic(), run.step
 
     def checkpoint_due() -> bool:
@@ -284,6 +287,7 @@ def train_steps(run: Run, job_dir: Path, on_progress, should_stop, sample_every:
                 for index, image in enumerate(generate_samples(run.model, run.trainables, config, list(prompts))):
                     sample = job_dir / "samples" / f"step-{run.step:05d}{f'-{index}' if index else ''}.png"
                     image.save(sample)
+                keep(job_dir / "samples")
                 on_progress(Progress("training", run.step, config.steps, run.losses[-1], sample=sample))
     except KeyboardInterrupt:
         checkpoint()
@@ -340,8 +344,10 @@ def finish_run(library: Library, run: Run, job_id: str, on_progress, started: fl
     run.checkpoint_path.unlink(missing_ok=True)  # the adapter is saved; the checkpoint has no further use
     if chosen_entry is not None:
         write_samples(chosen_entry, run.model, run.trainables, config)  # the chosen point's weights are loaded
+        library.keep(chosen_entry.folder / "samples")
         run.trainables.load_tensors(final_tensors)
     write_samples(entry, run.model, run.trainables, config)
+    library.keep(entry.folder / "samples")
     if run.device.type == "cuda":
         run.timings["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     return TrainResult(entry, job_id, run.losses, time.time() - started, run.timings,

@@ -60,7 +60,7 @@ def run_worker(
             run_in_child(library, job, prior_dir, stop)
         elif job is not None:
             run_job(jobs, job.id, prior_dir, observer=on_progress, stop=stop,
-                    sample_every=_sample_every(job, samples_per_job))
+                    sample_every=sample_every_for(job, samples_per_job))
         if once or (until_idle and job is None):
             break
         if job is None:
@@ -68,7 +68,7 @@ def run_worker(
     return 0
 
 
-def _sample_every(job: Job, samples_per_job: int) -> int:
+def sample_every_for(job: Job, samples_per_job: int) -> int:
     """total_steps // samples_per_job, with the step count the trainer will resolve to."""
     if samples_per_job <= 0:
         return 0
@@ -114,7 +114,7 @@ def run_claimed_job(library: Library, job_id: str, prior_dir: Path | None) -> in
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_soon)
-    job = run_job(jobs, job_id, prior_dir, stop=stop, sample_every=_sample_every(jobs.get(job_id), SAMPLES_PER_JOB))
+    job = run_job(jobs, job_id, prior_dir, stop=stop, sample_every=sample_every_for(jobs.get(job_id), SAMPLES_PER_JOB))
     if stop.is_set():
         jobs.log(job_id, "stopped on SIGTERM: its worker stopped or died (serve starts a new one)")
     return 0 if job.status in (JobStatus.DONE, JobStatus.CANCELLED, JobStatus.INTERRUPTED) else 1

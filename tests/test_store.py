@@ -1,0 +1,87 @@
+"""The store by URL (dreambooth_lora/store.py): two data roots ("machines") share one database and one store, here
+a `file://` folder (fsspec's local filesystem; tests/test_cluster.py runs the same on S3 with moto)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from dreambooth_lora.checkpoint import checkpoint_step
+from dreambooth_lora.config import TrainConfig
+from dreambooth_lora.jobs import Jobs, JobStatus, Runner, run_job
+from dreambooth_lora.library import Library
+from dreambooth_lora.store import Store
+from dreambooth_lora.tinyworld import subject_image_paths
+
+pytest.importorskip("fsspec")
+
+IMAGES = subject_image_paths("bluecyan-box")[:3]
+
+
+@pytest.fixture
+def machines(tmp_path, monkeypatch):
+    """Two data roots on one database and one store."""
+    monkeypatch.setenv("DBL_DB_URL", f"sqlite:///{tmp_path / 'shared.db'}")
+    monkeypatch.setenv("DBL_STORE_URL", f"file://{tmp_path / 'store'}")
+    return Library(tmp_path / "one"), Library(tmp_path / "two")
+
+
+def submit(library: Library, name: str, steps: int, **overrides) -> str:
+    return Jobs(library).create(TrainConfig(token="zqx", class_noun="box", base_model="builtin:tiny-random", name=name,
+                                            steps=steps, num_class_images=1, train_token_embedding=False, **overrides),
+                                IMAGES)
+
+
+def test_put_fetch_and_remove_mirror_the_data_root(tmp_path):
+    root = tmp_path / "root"
+    (root / "jobs" / "a" / "images").mkdir(parents=True)
+    (root / "jobs" / "a" / "images" / "00.png").write_bytes(b"one")
+    (root / "jobs" / "a" / ".hidden.tmp").write_bytes(b"temporary")
+    store = Store(f"file://{tmp_path / 'store'}", root)
+    store.put(root / "jobs" / "a")
+    assert sorted(p.relative_to(tmp_path / "store").as_posix() for p in (tmp_path / "store").rglob("*") if p.is_file()) \
+        == ["jobs/a/images/00.png"]  # dotfiles (temporaries) stay behind; no partial objects are left
+    other = Store(f"file://{tmp_path / 'store'}", tmp_path / "other")
+    assert other.fetch(tmp_path / "other" / "jobs" / "a")
+    assert (tmp_path / "other" / "jobs" / "a" / "images" / "00.png").read_bytes() == b"one"
+    assert not other.fetch(tmp_path / "other" / "jobs" / "missing")
+    store.remove(root / "jobs" / "a")
+    assert not list((tmp_path / "store").rglob("*.png"))
+
+
+def test_a_job_created_on_one_machine_trains_on_another_and_its_adapter_is_seen_by_both(machines, tmp_path):
+    one, two = machines
+    job_id = submit(one, "moved", steps=3)
+    assert not (two.root / "jobs" / job_id).exists()
+    jobs_two = Jobs(two)
+    jobs_two.claim(job_id, Runner.this_process())
+    job = run_job(jobs_two, job_id, tmp_path / "prior")  # fetches the photos from the store
+    assert job.status == JobStatus.DONE, job.error
+    entry = one.get("moved")  # the adapter's folder comes from the store to the first machine
+    assert entry.file.is_file() and entry.samples and entry.photos
+    assert "saved adapter moved" in Jobs(one).read_log(job_id)  # the runner's log lines, as the store has them
+    one.delete("moved")
+    assert not list((tmp_path / "store" / "adapters").rglob("*"))
+
+
+def test_an_interrupted_job_resumes_on_another_machine_from_the_stored_checkpoint(machines, tmp_path):
+    one, two = machines
+    job_id = submit(one, "resumed", steps=6, checkpoint_every=2)
+    jobs_one, stop = Jobs(one), threading.Event()
+
+    def stop_at_step_3(_job_id, progress) -> None:
+        if progress.phase == "training" and progress.step >= 3:
+            stop.set()
+
+    jobs_one.claim(job_id, Runner.this_process())
+    assert run_job(jobs_one, job_id, tmp_path / "prior", observer=stop_at_step_3, stop=stop).status == JobStatus.INTERRUPTED
+    stored = Store(f"file://{tmp_path / 'store'}", two.root)
+    stored.fetch(two.root / "jobs" / job_id)
+    assert checkpoint_step(two.root / "jobs" / job_id / "checkpoint.safetensors") == 3  # the stop's own checkpoint
+    jobs_two = Jobs(two)
+    jobs_two.resume(job_id)
+    jobs_two.claim(job_id, Runner.this_process())
+    job = run_job(jobs_two, job_id, tmp_path / "prior")
+    assert job.status == JobStatus.DONE and len(job.losses) == 6
+    assert "resumed at step 3" in jobs_two.read_log(job_id)
