@@ -19,6 +19,7 @@ from dreambooth_lora.jobs import Jobs, JobStatus
 from dreambooth_lora.library import Library
 from dreambooth_lora.users import UsersFile, add_user, hash_password, parse_users, read_users, verify_password
 from test_cli import add_untrained_adapter, assert_refused, run
+from test_cluster import postgres_url  # noqa: F401 - the fixture: a new database on the PostgreSQL of .ci/run
 
 
 @pytest.fixture(autouse=True)
@@ -222,3 +223,31 @@ def test_the_cli_lists_every_users_adapters_and_jobs_with_their_user(capsys, roo
     assert code == 0 and out.splitlines()[1].endswith("bob")
     code, out, _ = run(capsys, "library", "show", "dog", "--data-root", root)
     assert json.loads(out)["owner"] == "alice"
+
+
+@pytest.mark.slow
+def test_on_postgresql_an_old_adapters_table_gets_names_per_user(tmp_path, monkeypatch, postgres_url, subject_images):
+    """DBL_DB_URL on PostgreSQL (where `user` would be a reserved word): a table from before users, with a
+    library-wide UNIQUE(name), drops it for the per-owner indexes; the NULL owner stays one namespace."""
+    engine = create_engine(postgres_url)
+    with engine.begin() as db:
+        db.execute(text("CREATE TABLE adapters (id VARCHAR PRIMARY KEY, name VARCHAR NOT NULL UNIQUE, token VARCHAR, "
+                        "class_noun VARCHAR, base_model VARCHAR, fingerprint VARCHAR, rank INTEGER, alpha FLOAT, "
+                        "steps INTEGER, created FLOAT, size_bytes INTEGER, meta TEXT NOT NULL)"))
+        db.execute(text("INSERT INTO adapters VALUES ('a1', 'dog', 'sks', 'dog', 'm', '', 4, 4.0, 10, 1.0, 0, '{}')"))
+    engine.dispose()
+    monkeypatch.setenv("DBL_DB_URL", postgres_url)
+    library = Library(tmp_path / "data")
+    assert [(e.name, e.owner) for e in library.list()] == [("dog", None)]
+    alice, bob = library.for_user("alice"), library.for_user("bob")
+    add_untrained_adapter(alice, "dog")
+    add_untrained_adapter(bob, "dog")
+    assert [e.owner for e in alice.list()] == ["alice"] and [e.owner for e in bob.list()] == ["bob"]
+    with pytest.raises(UserError, match="already exists"):
+        add_untrained_adapter(bob, "dog")
+    job_id = Jobs(alice).create(TrainConfig(token="sks", class_noun="box", base_model="builtin:tiny-random", name="box"),
+                                subject_images)
+    assert Jobs(bob).list() == [] and Jobs(library).get(job_id).owner == "alice"
+    with library.engine.begin() as db:  # the database itself refuses a second unowned "dog"
+        with pytest.raises(Exception, match="adapters_unowned_name"):
+            db.execute(text("INSERT INTO adapters (id, name, meta) VALUES ('a2', 'dog', '{}')"))
