@@ -242,8 +242,7 @@ def training_step(run: Run) -> torch.Tensor:
     run.trainables.after_step()
     if run.ema is not None:  # after the identifier's norm cap: the average of capped rows stays within the cap
         with torch.no_grad():
-            torch._foreach_lerp_(run.ema, [p.detach() for p in run.trainables.parameters],
-                                 ema_rate(run.config.ema_decay, run.step + 1))
+            torch._foreach_lerp_(run.ema, run.trainables.parameters, ema_rate(run.config.ema_decay, run.step + 1))
     return loss.detach()
 
 
