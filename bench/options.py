@@ -7,7 +7,7 @@ Every row trains each shipped subject at λ = 1 with seeds 0 and 1 (--quick: one
 defaults otherwise. The meter table holds, per run, the chosen point's fidelity and leak beside the final's; the
 meter "predicts" when the chosen fidelity is at least the final's with leak no higher in at least 5 of 6 runs.
 
-    python bench/options.py --json > options.json   # 36 trainings (6 rows); tables on stderr
+    python bench/options.py --json > options.json   # 42 trainings (7 rows); tables on stderr
     python bench/options.py --variants ema-0.98 no-ema --seeds 0 1   # chosen rows
     python bench/options.py --quick                 # one training per row
 """
