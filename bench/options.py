@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """The option rows on builtin:tiny-world, judged by the world's analyser: min-SNR-γ (γ = 5), noise offset (0.05),
-a cosine learning-rate schedule,
+a cosine learning-rate schedule, the weight average (--ema-decay) off, 0.98 and 0.99,
 and the meter's chosen checkpoint beside the final one (dreambooth_lora/bench/options.py).
 
 Every row trains each shipped subject at λ = 1 with seeds 0 and 1 (--quick: one subject, seed 0) with the product's
 defaults otherwise. The meter table holds, per run, the chosen point's fidelity and leak beside the final's; the
 meter "predicts" when the chosen fidelity is at least the final's with leak no higher in at least 5 of 6 runs.
 
-    python bench/options.py --json > options.json   # 18 trainings; tables on stderr
-    python bench/options.py --quick                 # 3 trainings
+    python bench/options.py --json > options.json   # 42 trainings (7 rows); tables on stderr
+    python bench/options.py --variants ema-0.98 no-ema --seeds 0 1   # chosen rows
+    python bench/options.py --quick                 # one training per row
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import os
 import sys
 
-from dreambooth_lora.bench.options import COLUMNS, VARIANTS, plan, summarise
+from dreambooth_lora.bench.options import COLUMNS, REPEATS, VARIANTS, plan, summarise
 from dreambooth_lora.bench.quality import run_tasks
 
 
@@ -52,12 +53,12 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="single-threaded worker processes")
     parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU", help="what to call this machine in the report")
     parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
-                        help="only these rows (defaults, defaults+meter, min-snr-5, noise-offset-0.05, cosine-lr; default: all but defaults, "
-                             "which defaults+meter equals)")
+                        help=f"only these rows ({', '.join(VARIANTS)}; default: all but {' and '.join(REPEATS)}, "
+                             "whose adapters other rows repeat)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds (default 0 1)")
     parser.add_argument("--work", default=None, help="folder for the runs' libraries and class images (default: a temporary one)")
     args = parser.parse_args()
-    variants = args.variants or [name for name in VARIANTS if name != "defaults"]
+    variants = args.variants or [name for name in VARIANTS if name not in REPEATS]
     report = run_tasks(plan(args.quick, args.samples, variants, args.seeds), args.workers, args.machine, args.work,
                        on_row=lambda row: print(json.dumps(row), file=sys.stderr, flush=True))
     report["summary"] = summarise(report["runs"])

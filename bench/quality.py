@@ -8,6 +8,7 @@ Fails only on errors; goals are read off the table.
 
     python bench/quality.py --json          # full grid (3 subjects x lambda {0,1} x 2 seeds + TE modes)
     python bench/quality.py --quick         # one subject, one seed, lambda {1,0}
+    python bench/quality.py --seeds 2 3     # fresh seeds: 3 subjects x lambda {0,1} x seeds 2, 3
 """
 
 from __future__ import annotations
@@ -72,13 +73,16 @@ def main() -> int:
     parser.add_argument("--token-lr", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--text-encoder", default="none")
+    parser.add_argument("--ema-decay", type=float, default=None, help="override the default weight average's decay (0: off)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="training seeds (default 0 1); given, the grid is the lambda rows alone, without the TE modes")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="single-threaded worker processes")
     parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU")
     args = parser.parse_args()
     settings = Settings(samples=args.samples, steps=args.steps, lr=args.lr, token_lr=args.token_lr,
-                        batch_size=args.batch_size, text_encoder=args.text_encoder)
+                        batch_size=args.batch_size, text_encoder=args.text_encoder, ema_decay=args.ema_decay)
     report = run_bench(args.quick, settings, args.workers, args.machine,
-                       on_row=lambda row: print(json.dumps(row), file=sys.stderr, flush=True))
+                       on_row=lambda row: print(json.dumps(row), file=sys.stderr, flush=True), seeds=args.seeds)
     tables = sys.stderr if args.json else sys.stdout  # with --json, stdout is the JSON alone
     print_table(report, tables)
     if args.markdown:

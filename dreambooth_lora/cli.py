@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="add X·N(0,1) per image and channel to the noise (0.05-0.1 usual; default 0: off)")
     quality.add_argument("--lr-schedule", default="constant", metavar="{constant,cosine}",
                          help="constant (default) or cosine: the learning rate falls from its value to 0 at the last step")
+    quality.add_argument("--ema-decay", type=float, default=None, metavar="D",
+                         help="save an exponential moving average of the trained weights with decay D instead of the "
+                              "last step's (bias-corrected; 0: off; default: the base model's, README \"Quality\")")
     quality.add_argument("--meter-every", type=int, default=0, metavar="K",
                          help="every K steps (and at the last) measure the photos' denoising loss and the prior drift on "
                               "fixed probes, keeping the adapter at each point (default 0: off)")
@@ -292,7 +295,7 @@ def cmd_train(args) -> int:
             channels_last=args.channels_last, compile=args.compile, fused_adam=args.fused_adam,
             device_noise=args.device_noise, loss_every=args.loss_every, class_batch_size=args.class_batch_size,
             snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, meter_every=args.meter_every, keep=args.keep,
-            lr_schedule=args.lr_schedule,
+            lr_schedule=args.lr_schedule, ema_decay=args.ema_decay,
             sample_every=args.sample_every, sample_prompts=tuple(args.sample_prompts),
         )
         job_id = jobs.create(config, args.images, status=JobStatus.QUEUED if args.submit else JobStatus.RUNNING)

@@ -152,6 +152,23 @@ def spell(word: str, pieces: list[str]) -> list[str] | None:
 
 # ----- serving the rows in a text encoder -----
 
+def tokenizer_with_tokens(base_tokenizer, names: list[str]) -> tuple[object, list[int]]:
+    """A copy of `base_tokenizer` that knows each name as an added whole-word token, and their ids; a name that is
+    already a piece of the vocabulary is refused (it would keep the piece's id and row, shared with other words).
+
+    Also the check at submit (jobs.Jobs.with_free_identifier), with only the tokenizer loaded."""
+    tokenizer = copy.deepcopy(base_tokenizer)
+    # CLIP's tokenizer lowercases a prompt before it looks for added tokens
+    tokenizer.add_tokens([AddedToken(name.lower(), single_word=True, normalized=True) for name in names])
+    ids = tokenizer.convert_tokens_to_ids([name.lower() for name in names])
+    shared = [name for name, token_id in zip(names, ids) if token_id < len(base_tokenizer)]
+    if shared:
+        raise UserError(
+            f"The identifier {shared[0]!r} is already a piece of this model's vocabulary (it occurs inside other "
+            "words), so it cannot have a token of its own; choose a rarer word such as sks or ohwx.")
+    return tokenizer, ids
+
+
 class IdentifierEmbedding(torch.nn.Module):
     """Rows for added identifier tokens, served by hooks on the frozen embedding layer; trainable in training.
 
@@ -162,15 +179,7 @@ class IdentifierEmbedding(torch.nn.Module):
         super().__init__()
         self.identifiers_shape = {token: tuple(vectors.reshape(-1, vectors.shape[-1]).shape) for token, vectors in identifiers.items()}
         names = [name for token, vectors in identifiers.items() for name in vector_names(token, self.identifiers_shape[token][0])]
-        self.tokenizer = copy.deepcopy(base_tokenizer)
-        # CLIP's tokenizer lowercases a prompt before it looks for added tokens
-        self.tokenizer.add_tokens([AddedToken(name.lower(), single_word=True, normalized=True) for name in names])
-        ids = self.tokenizer.convert_tokens_to_ids([name.lower() for name in names])
-        shared = [name for name, token_id in zip(names, ids) if token_id < len(base_tokenizer)]
-        if shared:
-            raise UserError(
-                f"The identifier {shared[0]!r} is already a piece of this model's vocabulary (it occurs inside other "
-                "words), so it cannot have a token of its own; choose a rarer word such as sks or ohwx.")
+        self.tokenizer, ids = tokenizer_with_tokens(base_tokenizer, names)
         self.table_size = table_size
         self.register_buffer("token_ids", torch.tensor(ids, dtype=torch.long))
         rows = [vectors.reshape(-1, vectors.shape[-1]).float() for vectors in identifiers.values()]

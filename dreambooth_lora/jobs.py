@@ -27,10 +27,10 @@ from .checkpoint import checkpoint_step
 from .config import TrainConfig, uses_tiny_defaults
 from .db import jobs as jobs_table
 from .errors import UserError
-from .identifier import choose_identifier, identifiers_in_use, rename_in_prompt
+from .identifier import choose_identifier, identifiers_in_use, rename_in_prompt, tokenizer_with_tokens
 from .images import check_subject_photos, expand_image_paths
 from .library import Library, new_id
-from .models import check_base_model, native_resolution
+from .models import check_base_model, load_tokenizer, native_resolution
 from .paths import atomic_write_bytes
 
 HEARTBEAT_SECONDS = 10.0
@@ -263,7 +263,8 @@ class Jobs:
 
     def with_free_identifier(self, config: TrainConfig) -> TrainConfig:
         """`config` with an identifier no adapter in the library and no unfinished job on its base model uses, so
-        that subjects can be mixed (identifier.choose_identifier: a frozen embedding's identifier is refused instead)."""
+        that subjects can be mixed (identifier.choose_identifier: a frozen embedding's identifier is refused instead).
+        When the identifier's embedding trains, an identifier that is a piece of the vocabulary is refused too."""
         # library-wide (subjects of different users share a base model's words); another user's is not named
         users: dict[str, str] = {}
         everyone = self.library.everyone()
@@ -277,6 +278,8 @@ class Jobs:
                 users.update({word: what for word in identifiers_in_use([job.config.get("token")]) if word not in users})
         trains = config.train_token_embedding if config.train_token_embedding is not None else uses_tiny_defaults(config.base_model)
         token = choose_identifier(config.token, set(users), trains, users)
+        if trains:  # refused now, not when training starts after the queue (identifier.IdentifierEmbedding does the same)
+            check_own_token(token, config.base_model, config.config_dir)
         return replace(config, token=token, instance_prompt=rename_in_prompt(config.instance_prompt, config.token, token))
 
     # ----- reading -----
@@ -576,6 +579,15 @@ def _failed_by_its_settings(job: Job) -> UserError:
 
 def _same(column, value):
     return column.is_(None) if value is None else column == value
+
+
+def check_own_token(token: str, base_model: str, config_dir: str | None = None) -> None:
+    """Refuse, with training's own sentence, an identifier the base model's tokenizer already has as a piece of its
+    vocabulary (it cannot get a token of its own); reads the tokenizer alone. Nothing is checked when the tokenizer
+    cannot be read that cheaply: training checks again."""
+    tokenizer = load_tokenizer(base_model, config_dir)
+    if tokenizer is not None:
+        tokenizer_with_tokens(tokenizer, [token])
 
 
 def create_job(library: Library, config: TrainConfig, image_paths: list, status: JobStatus = JobStatus.QUEUED) -> str:

@@ -1,4 +1,5 @@
-"""The training objective as pure functions: the prior-preservation loss, min-SNR-γ weights, offset noise."""
+"""The training objective as pure functions: the prior-preservation loss, min-SNR-γ weights, offset noise, the
+learning-rate factor and the weight average's rate."""
 
 from __future__ import annotations
 
@@ -61,3 +62,13 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
     if schedule == "constant" or total <= 1:
         return 1.0
     return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+def ema_rate(decay: float, step: int) -> float:
+    """How far the weight average moves towards the weights after step `step` (1-based): (1 - d) / (1 - d^step).
+
+    This is an exponential moving average with decay d, bias-corrected as Adam corrects its moments (Kingma & Ba
+    2015): step 1 gives 1 (the average starts at the first weights, not at the initial ones), and the average is
+    sum_i d^(step - i) w_i / sum_i d^(step - i) at every step. A pure function of the step, so a resumed run needs
+    only the average itself."""
+    return 1.0 if decay <= 0 else (1.0 - decay) / (1.0 - decay ** step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -203,6 +204,45 @@ def check_base_model(name: str, config_dir: str | None = None) -> None:
     if not available_here(name):
         raise UserError(f"Cannot load base model {name!r} offline: it is not a local folder and not in the Hugging "
                         "Face cache. Download it on a connected machine first or give a path.")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # a CLIP tokenizer's vocabulary: fast format, or the slow one's
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(name: str, config_dir: str | None = None):
+    """The base model's tokenizer alone (no weights read), for checks at submit; None when it cannot be read so
+    cheaply (then load_base_model's own checks apply when training starts). It is shared: callers must not change
+    it (identifier.tokenizer_with_tokens works on a copy)."""
+    if name == "builtin:tiny-random":
+        return build_tokenizer()
+    if name in REAL_SHAPED_BUILTINS:
+        from .builtin_configs import tokenizer_for_builtin
+
+        return tokenizer_for_builtin()
+    if name.startswith("builtin:"):
+        source = str(BUILTIN_DIR / name.removeprefix("builtin:"))
+    elif Path(name).suffix == ".safetensors":
+        source = config_dir  # a single file's component configs (and tokenizer) come from --config
+    else:
+        source = name
+    if source is None:
+        return None
+    folder = Path(source) / "tokenizer"
+    if not Path(source).is_dir():  # a hub id: its cached tokenizer folder, if the cache has one
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = [try_to_load_from_cache(source, f"tokenizer/{file}") for file in TOKENIZER_FILES]
+        except ValueError:  # not a valid hub id
+            return None
+        folder = next((Path(path).parent for path in cached if isinstance(path, str)), None)
+    if folder is None or not any((folder / file).is_file() for file in TOKENIZER_FILES):
+        return None
+    try:
+        return CLIPTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):
+        return None
 
 
 def _unknown_builtin(name: str) -> str:

@@ -29,7 +29,7 @@ from .lora import (
     collect_adapter_tensors,
     lora_parameters,
 )
-from .losses import lr_factor, min_snr_weights, offset_noise, prior_preservation_loss
+from .losses import ema_rate, lr_factor, min_snr_weights, offset_noise, prior_preservation_loss
 from .meter import Meter, meter_due
 from .models import BaseModel, load_base_model
 from .paths import atomic_path, prior_root
@@ -102,6 +102,8 @@ class Run:
     losses: list = field(default_factory=list)
     timings: dict = field(default_factory=lambda: {"step_ends": []})
     meter: Meter | None = None
+    # --ema-decay: the moving average of trainables.parameters, in their order (None: off); saved instead of them
+    ema: list[torch.Tensor] | None = None
 
 
 def run_training(
@@ -169,10 +171,18 @@ def prepare_run(config: TrainConfig, job_dir: Path, prior_dir: Path | None, on_p
         run.meter = Meter.with_probes(config.meter_every, config.prior_weight, instance_latents[0].cpu() * scale,
                                       (class_latents or instance_latents)[0].cpu() * scale, scheduler,
                                       job_dir / METER_FILE, job_dir / METER_CHECKPOINTS)
+    if config.ema_decay:  # the average starts at the first step's weights (losses.ema_rate gives 1 there)
+        run.ema = [p.detach().clone() for p in trainables.parameters]
     if run.checkpoint_path.exists():
-        weights, run.step, run.losses = load_checkpoint(run.checkpoint_path, optimizer, generator)
+        extras: dict = {}
+        weights, run.step, run.losses = load_checkpoint(run.checkpoint_path, optimizer, generator, extras)
         with_base_lrs(optimizer)  # a checkpoint from before the schedule has no base_lr: its rate was constant
         trainables.load_tensors(weights)
+        if run.ema is not None:
+            saved = [extras.get(f"ema.{i}") for i in range(len(run.ema))]
+            with torch.no_grad():  # a checkpoint without the average (written with it off) starts it from here
+                for average, value, param in zip(run.ema, saved, trainables.parameters):
+                    average.copy_(param.detach() if value is None else value)
         on_progress(Progress("training", run.step, config.steps, run.losses[-1] if run.losses else None,
                              f"resumed at step {run.step}"))
     if run.meter is not None:
@@ -233,6 +243,9 @@ def training_step(run: Run) -> torch.Tensor:
         run.trainables.allocator.update_and_allocate(run.step)
     run.optimizer.zero_grad(set_to_none=True)
     run.trainables.after_step()
+    if run.ema is not None:  # after the identifier's norm cap: the average of capped rows stays within the cap
+        with torch.no_grad():
+            torch._foreach_lerp_(run.ema, run.trainables.parameters, ema_rate(run.config.ema_decay, run.step + 1))
     return loss.detach()
 
 
@@ -254,7 +267,9 @@ def train_steps(run: Run, job_dir: Path, on_progress, should_stop, sample_every:
         nonlocal last_checkpoint, checkpointed_step
         read_losses()
         on_progress(Progress("checkpoint", run.step, config.steps))
-        save_checkpoint(run.checkpoint_path, run.trainables.tensors(), run.optimizer, run.generator, run.step, run.losses)
+        extras = {f"ema.{i}": average for i, average in enumerate(run.ema or ())}
+        save_checkpoint(run.checkpoint_path, run.trainables.tensors(), run.optimizer, run.generator, run.step, run.losses,
+                        extras)
         keep(*(path for path in (job_dir / METER_CHECKPOINTS, job_dir / METER_FILE) if path.exists()), run.checkpoint_path)
         last_checkpoint, checkpointed_step = time.monotonic(), run.step
 
@@ -318,6 +333,10 @@ def finish_run(library: Library, run: Run, job_id: str, on_progress, started: fl
         chosen = meter.chosen_step()
         on_progress(Progress("saving", run.step, config.steps, message=f"meter chose step {chosen} of {run.step} "
                              f"(keep {config.keep})"))
+    if run.ema is not None:  # the average is what is saved (and sampled); config.keep is "final" (config.py)
+        with torch.no_grad():
+            for param, average in zip(run.trainables.parameters, run.ema):
+                param.copy_(average)
     if chosen is not None and chosen != run.step and config.keep in ("best", "both"):
         final_tensors = run.trainables.tensors()
     if config.keep == "best" and final_tensors is not None:
@@ -621,7 +640,8 @@ def save_adapter(library: Library, model: BaseModel, trainables: Trainables, con
         "training_seconds": round(training_seconds, 1) if training_seconds is not None else None,
         "sample_prompts": list(config.prompts_to_sample),
         "prompt_similarity": round(trainables.separation, 4), "studio_version": __version__,
-        "snr_gamma": config.snr_gamma, "noise_offset": config.noise_offset, "lr_schedule": config.lr_schedule, **(extra_meta or {}),
+        "snr_gamma": config.snr_gamma, "noise_offset": config.noise_offset, "lr_schedule": config.lr_schedule,
+        "ema_decay": config.ema_decay, **(extra_meta or {}),
     }
     tensors = trainables.tensors()
     if config.adapter_type not in RESEARCH_TYPES:

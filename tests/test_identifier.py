@@ -184,3 +184,29 @@ def test_train_says_the_new_identifier_and_the_adapter_answers_to_it(tmp_path, s
     assert entry.token == "sks2" and read_adapter(entry.file).identifiers.keys() == {"sks2"}
     assert main(["library", "--data-root", str(root), "show", "dog2"]) == 0
     assert '"token": "sks2"' in capsys.readouterr().out
+
+
+def test_a_vocabulary_piece_is_refused_at_submit_before_a_job_exists(tmp_path, session_subject_images, capsys,
+                                                                      monkeypatch):
+    """The same sentence training would give, now at submit (the tokenizer alone is read: no model loads), and no
+    job row; with a frozen embedding the piece is a plain word and the job is queued."""
+    import dreambooth_lora.models as models
+    import dreambooth_lora.train as train
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the check at submit loaded the whole base model")
+
+    monkeypatch.setattr(models, "load_base_model", no_model)
+    monkeypatch.setattr(train, "load_base_model", no_model)
+    tokenizer = models.load_tokenizer("builtin:tiny-random")
+    piece = next(p for p in tokenizer.get_vocab() if p.isalpha() and len(p) > 2 and not p.endswith("</w>"))
+    root = tmp_path / "data"
+    submit = ["train", "--data-root", str(root), "--images", *map(str, session_subject_images), "--token", piece,
+              "--class-noun", "dog", "--base-model", "builtin:tiny-random", "--submit"]
+    code = main(submit)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"The identifier {piece!r} is already a piece of this model's vocabulary" in err
+    assert Jobs(Library(root)).list() == []
+    assert main([*submit, "--no-train-token-embedding"]) == 0  # a frozen identifier is plain words: no token of its own
+    assert [job.config["token"] for job in Jobs(Library(root)).list()] == [piece]

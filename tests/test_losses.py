@@ -103,3 +103,16 @@ def test_the_cosine_schedule_falls_from_the_base_rate_to_zero_and_constant_stays
     cosine = [lr_factor("cosine", s, 10) for s in range(10)]
     assert cosine[0] == 1.0 and abs(cosine[5] - 0.5) < 1e-12 and cosine[9] < 0.03
     assert all(a > b for a, b in zip(cosine, cosine[1:]))  # strictly falling
+
+
+def test_the_weight_average_rate_gives_the_bias_corrected_exponential_average():
+    from dreambooth_lora.losses import ema_rate
+
+    decay, weights = 0.9, [3.0, -1.0, 4.0, 1.0, 5.0]
+    average = 123.0  # the initial value never counts: step 1's rate is 1
+    for step, value in enumerate(weights, start=1):
+        average += ema_rate(decay, step) * (value - average)
+        by_hand = sum(decay ** (step - i) * w for i, w in enumerate(weights[:step], start=1))
+        by_hand /= sum(decay ** (step - i) for i in range(1, step + 1))
+        assert average == pytest.approx(by_hand)
+    assert ema_rate(0.0, 7) == 1.0  # off: the average is the weights

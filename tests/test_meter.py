@@ -25,8 +25,9 @@ RESOLUTION = 32
 
 
 def tiny_config(name: str, **overrides) -> TrainConfig:
+    # the weight average off (the built-ins' default is on): the meter's points and keep best/both are trained weights
     values = dict(token="sks", class_noun="dog", base_model="builtin:tiny-random", name=name, resolution=RESOLUTION,
-                  num_class_images=2, steps=6, lr=1e-2)
+                  num_class_images=2, steps=6, lr=1e-2, ema_decay=0.0)
     return TrainConfig(**{**values, **overrides})
 
 
@@ -235,6 +236,8 @@ def run_cli(capsys, *argv):
     (["--keep", "middle"], "--keep 'middle'"),
     (["--keep", "best"], "needs --meter-every"),
     (["--keep", "both", "--meter-every", "0"], "needs --meter-every"),
+    (["--ema-decay", "1"], "--ema-decay 1.0"),
+    (["--ema-decay", "0.9", "--meter-every", "2", "--keep", "both"], "use --ema-decay 0 with --keep best or both"),
 ])
 def test_bad_option_values_are_one_line_and_status_2(capsys, tmp_path, subject_images, extra, named):
     code, _, err = run_cli(capsys, "train", "--images", *subject_images, "--token", "sks", "--class-noun", "dog",
@@ -246,7 +249,7 @@ def test_every_new_option_is_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--snr-gamma", "--noise-offset", "--meter-every", "--keep"):
+    for flag in ("--snr-gamma", "--noise-offset", "--meter-every", "--keep", "--ema-decay"):
         assert flag in text
 
 
@@ -269,3 +272,13 @@ def test_train_json_and_jobs_show_json_carry_the_meter(capsys, tmp_path, subject
 def test_config_refuses_keep_without_meter():
     with pytest.raises(UserError, match="--keep best"):
         tiny_config("x", keep="best")
+
+
+def test_the_built_ins_average_their_weights_unless_the_meter_keeps_a_point():
+    from dreambooth_lora.config import TrainConfig
+
+    config = TrainConfig(token="sks", class_noun="dog", base_model="builtin:tiny-world")
+    assert config.resolved(4, True, 64).ema_decay > 0  # the tuned default (README "Quality")
+    assert config.resolved(4, False, 512).ema_decay == 0  # real models: not measured, off
+    kept = TrainConfig(token="sks", class_noun="dog", base_model="builtin:tiny-world", meter_every=50, keep="both")
+    assert kept.resolved(4, True, 64).ema_decay == 0

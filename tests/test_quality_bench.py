@@ -76,7 +76,7 @@ def test_with_json_stdout_is_the_json_report_alone_and_the_tables_go_to_stderr(m
     report = {"runs": [row], "summary": quality.summarise([row]), "vae_ceiling": {}, "workers": 2, "seconds": 1.0,
               "machine": "test"}
 
-    def fake_bench(quick, settings, workers, machine, on_row):
+    def fake_bench(quick, settings, workers, machine, on_row, seeds=None):
         on_row(row)
         return report
 
@@ -146,3 +146,13 @@ def test_options_script_with_json_prints_the_report_alone_on_stdout(monkeypatch,
     report = json.loads(out)
     assert report["summary"]["meter_verdict"]["earlier_and_better"] == 1
     assert "verdict:" in err and "noise-offset-0.05" in err
+
+
+def test_fresh_seeds_plan_every_subject_at_both_lambdas_without_the_text_encoder_modes():
+    from dreambooth_lora.bench.quality import plan
+    from dreambooth_lora.tinyworld import world
+
+    runs = plan(quick=False, seeds=[2, 3])
+    assert {(r.subject, r.prior_weight, r.seed) for r in runs} == {
+        (s, lam, seed) for s in world.SUBJECTS for lam in (1.0, 0.0) for seed in (2, 3)}
+    assert len(runs) == len(world.SUBJECTS) * 4 and {r.text_encoder for r in runs} == {"none"}

@@ -265,19 +265,21 @@ def test_qlora_trains_lora_and_leaves_4bit_weights_alone(tmp_path, session_subje
 
 # ----- interrupt and resume -----
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+@pytest.mark.parametrize("schedule, ema", [("constant", 0.0), ("cosine", 0.0), ("constant", 0.5)],
+                         ids=["constant", "cosine", "ema"])
 def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(tmp_path, session_subject_images,
-                                                                               session_prior_dir, schedule):
+                                                                               session_prior_dir, schedule, ema):
     """With the cosine schedule too: each group's base rate travels in the checkpoint and the rate of a step is a
-    function of the step alone."""
+    function of the step alone. With the weight average (--ema-decay) the average travels in the checkpoint."""
     steps, stop_after = 8, 3
     # the uninterrupted run in a library of its own: in one library the second subject would get "sks2"
     alone = Library(tmp_path / "alone")
-    whole = run_training(alone, create_job(alone, tiny_config("whole", steps=steps, lr_schedule=schedule),
+    whole = run_training(alone, create_job(alone, tiny_config("whole", steps=steps, lr_schedule=schedule, ema_decay=ema),
                                            session_subject_images), session_prior_dir)
     library = Library(tmp_path / "data")
 
-    job = create_job(library, tiny_config("resumed", steps=steps, lr_schedule=schedule), session_subject_images)
+    job = create_job(library, tiny_config("resumed", steps=steps, lr_schedule=schedule, ema_decay=ema),
+                     session_subject_images)
     seen = []
 
     def stop_after_k():
@@ -316,6 +318,37 @@ def test_a_run_depends_on_its_seed_alone_not_on_what_ran_before_in_the_process(t
     left, right = adapters
     assert left.keys() == right.keys()
     assert all(torch.equal(left[k], right[k]) for k in left)
+
+
+def test_the_saved_adapter_is_the_weight_average_of_the_steps(tmp_path, session_subject_images, session_prior_dir):
+    """--ema-decay d saves sum_i d^(T-i) w_i / sum_i d^(T-i) over the weights w_i after each step i (losses.ema_rate),
+    so one step saves that step's weights, and with d = 0.5 two steps save (0.5 w_1 + w_2) / 1.5."""
+    import dreambooth_lora.train as train_module
+
+    after_step, seen = train_module.Trainables.after_step, []
+
+    def record(self):  # the weights after each step (after the identifier's norm cap), as the average sees them
+        after_step(self)
+        seen.append(self.tensors())
+
+    runs = {}
+    for name, steps, ema in (("one-plain", 1, 0.0), ("one-ema", 1, 0.5), ("two-ema", 2, 0.5)):
+        library = Library(tmp_path / name)
+        seen.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(train_module.Trainables, "after_step", record)
+            result = run_training(library, create_job(library, tiny_config(name, steps=steps, ema_decay=ema),
+                                                      session_subject_images), session_prior_dir)
+        runs[name] = (read_adapter(result.adapter.file).tensors, list(seen))
+        assert result.adapter.meta["ema_decay"] == ema
+    plain, ema_one = runs["one-plain"][0], runs["one-ema"][0]
+    assert plain.keys() == ema_one.keys() and all(torch.equal(plain[k], ema_one[k]) for k in plain)
+    saved, (first, second) = runs["two-ema"]
+    assert set(saved) <= set(first)
+    moved = [k for k in saved if not torch.equal(first[k], second[k])]
+    assert moved  # the second step changed weights, so the average differs from either step's
+    for key in saved:
+        assert torch.allclose(saved[key], (0.5 * first[key] + second[key]) / 1.5, atol=1e-6), key
 
 
 def test_the_cosine_schedule_changes_the_run(tmp_path, session_subject_images, session_prior_dir):

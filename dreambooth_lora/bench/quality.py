@@ -56,6 +56,7 @@ class Settings:
     noise_offset: float = 0.0
     meter_every: int = 0  # on: keep both, and the row also scores the meter's chosen point ("chosen")
     lr_schedule: str = "constant"
+    ema_decay: float | None = None  # None: the product's default
 
 
 def prompts(cls: str) -> dict[str, str]:
@@ -66,14 +67,15 @@ def prompts(cls: str) -> dict[str, str]:
     }
 
 
-def plan(quick: bool, text_encoder: str = "none") -> list[Run]:
-    """Quick: one subject, one seed, lambda {1, 0}. Full: every subject x lambda x 2 seeds + the other TE modes."""
+def plan(quick: bool, text_encoder: str = "none", seeds=None) -> list[Run]:
+    """Quick: one subject, one seed, lambda {1, 0}. Full: every subject x lambda x 2 seeds + the other TE modes.
+    `seeds` (not quick): every subject x lambda x these seeds, without the TE modes (fresh seeds for a check)."""
     from ..tinyworld import world
 
     subjects = list(world.SUBJECTS)[: 1 if quick else None]
-    seeds = [0] if quick else [0, 1]
-    runs = [Run(s, lam, seed, text_encoder) for s in subjects for lam in (1.0, 0.0) for seed in seeds]
-    if not quick:
+    chosen = [0] if quick else list(seeds or [0, 1])
+    runs = [Run(s, lam, seed, text_encoder) for s in subjects for lam in (1.0, 0.0) for seed in chosen]
+    if not quick and not seeds:
         runs += [Run(subjects[0], 1.0, 0, mode) for mode in ("none", "lora", "qlora") if mode != text_encoder]
     return runs
 
@@ -186,7 +188,8 @@ def train_and_evaluate(run: Run, settings: Settings, work: Path) -> dict:
 
     subject = world.SUBJECTS[run.subject]
     overrides = {k: v for k, v in dict(steps=settings.steps, lr=settings.lr, token_lr=settings.token_lr,
-                                        batch_size=settings.batch_size).items() if v is not None}
+                                        batch_size=settings.batch_size, ema_decay=settings.ema_decay).items()
+                 if v is not None}
     config = TrainConfig(token=TOKEN, class_noun=subject.cls, base_model=MODEL, name=run.name,
                          prior_weight=run.prior_weight, seed=run.seed, text_encoder=run.text_encoder,
                          snr_gamma=settings.snr_gamma, noise_offset=settings.noise_offset, adapter_type=settings.adapter_type,
@@ -271,9 +274,9 @@ def _run_tasks(pool, tasks: list[tuple[Run, Settings]], work: Path, on_row) -> t
 
 
 def run_bench(quick: bool, settings: Settings, workers: int = 2, machine: str = "", work: Path | None = None,
-              on_row=lambda row: None) -> dict:
+              on_row=lambda row: None, seeds=None) -> dict:
     """Run every task of the plan on `workers` processes and return the report (rows, summary, ceilings)."""
-    tasks = [(run, settings) for run in plan(quick, settings.text_encoder)]
+    tasks = [(run, settings) for run in plan(quick, settings.text_encoder, seeds)]
     report = run_tasks(tasks, workers, machine, work, on_row)
     report["summary"] = summarise(report["runs"])
     return report
