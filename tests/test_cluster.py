@@ -116,15 +116,18 @@ def library(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("local_ray", [2], indirect=True)
-def test_six_queued_jobs_finish_on_local_ray_each_exactly_once(local_ray, library, tmp_path):
-    jobs = Jobs(library)
-    ids = [submit(jobs, f"job{i}") for i in range(6)]
+def test_six_queued_jobs_from_two_users_finish_on_local_ray_each_exactly_once(local_ray, library, tmp_path):
+    users = {name: library.for_user(name) for name in ("alice", "bob")}
+    owned = {name: [submit(Jobs(mine), f"{name}{i}") for i in range(3)] for name, mine in users.items()}
+    jobs, ids = Jobs(library), owned["alice"] + owned["bob"]
     with Dispatching(library, tmp_path / "prior"):
         wait_for(lambda: all(jobs.get(i).status == JobStatus.DONE for i in ids), "six jobs done")
     for job_id in ids:
         assert len(started_lines(jobs, job_id)) == 1, jobs.read_log(job_id)  # claimed and trained once
         assert jobs.get(job_id).runner.node  # by a Ray task
     assert sorted(e.meta["job"] for e in library.list()) == sorted(ids)  # one adapter per job
+    for name, mine in users.items():  # each adapter belongs to its job's user, as in the studio
+        assert sorted(e.meta["job"] for e in mine.list()) == sorted(owned[name])
 
 
 @pytest.mark.parametrize("local_ray", [1], indirect=True)
