@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+from live import wait_until
 
 from dreambooth_lora.config import TrainConfig
 from dreambooth_lora.jobs import Jobs, JobStatus, pid_alive
@@ -43,15 +43,9 @@ def _missing(problem: str) -> None:
     pytest.skip(problem)
 
 
-def wait_for(condition, what: str, seconds: float = WAIT_SECONDS):
-    """Check `condition()` (a read of the database or the store) until it holds; fail after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
+def wait_for(condition, what: str):
+    """Check `condition()` (a read of the database or the store) until it holds."""
+    return wait_until(condition, WAIT_SECONDS, what)
 
 
 def submit(jobs: Jobs, name: str, steps: int = 4, **overrides) -> str:

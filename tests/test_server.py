@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from live import wait_until
 
 from dreambooth_lora.jobs import Jobs, JobStatus
 from dreambooth_lora.library import Library
@@ -23,17 +24,6 @@ REPO = Path(__file__).parents[1]
 
 def cli(*args) -> list[str]:
     return [sys.executable, "-m", "dreambooth_lora.cli", *map(str, args)]
-
-
-def wait_until(predicate, seconds: float, what: str):
-    """Wait for a state the code promises to reach within `seconds` (the promise under test, not a race)."""
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"not within {seconds} s: {what}")
 
 
 @pytest.fixture

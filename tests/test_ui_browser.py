@@ -9,17 +9,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
+from live import running_studio
 
 from dreambooth_lora.tinyworld import subject_image_paths
 
@@ -46,42 +42,11 @@ def _require_browser():
         pytest.skip(problem)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def server(tmp_path):
-    port = _free_port()
-    log = open(tmp_path / "server.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app", "--port", str(port), "--data-root", str(tmp_path / "data"),
-         "--prior-dir", str(tmp_path / "prior")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1],
-    )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                process.kill()
-                raise AssertionError("server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
-    yield url, tmp_path
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(40)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
-    print((tmp_path / "server.log").read_text()[-2000:])
-    if (tmp_path / "data" / "worker.log").exists():
-        print((tmp_path / "data" / "worker.log").read_text()[-2000:])
+    with running_studio(["--data-root", tmp_path / "data", "--prior-dir", tmp_path / "prior"], tmp_path / "server.log",
+                        stop_seconds=40) as url:
+        yield url, tmp_path
 
 
 def _download(page, url: str, link, folder: Path) -> Path:

@@ -7,12 +7,6 @@ calling the same endpoints the page's buttons and timers call."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from gradio_client import Client
@@ -22,10 +16,9 @@ from dreambooth_lora.jobs import Jobs, JobStatus
 from dreambooth_lora.library import Library
 from dreambooth_lora.users import add_user
 from test_cli import add_untrained_adapter
-from test_ui_browser import _free_port
+from live import running_studio
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).parents[1]
 WEIGHTS = [False] + [1.0] * 8  # the Generate handlers' trailing inputs: text apart, 4 weights, 4 text strengths
 
 
@@ -41,31 +34,9 @@ def studio(tmp_path, subject_images):
     users = tmp_path / "users.txt"
     for name, password, admin in (("alice", "alice-pw", False), ("bob", "bob-pw", False), ("root", "root-pw", True)):
         add_user(users, name, password, admin)
-    port = _free_port()
-    log = open(tmp_path / "serve.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--users", str(users),
-                                "--data-root", str(tmp_path / "data"), "--prior-dir", str(tmp_path / "prior")],
-                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                process.kill()
-                raise AssertionError("serve did not start:\n" + (tmp_path / "serve.log").read_text()[-3000:])
-            time.sleep(0.5)
-    try:
+    with running_studio(["--users", users, "--data-root", tmp_path / "data", "--prior-dir", tmp_path / "prior"],
+                        tmp_path / "serve.log") as url:
         yield url, library, dog, job_id
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 def call(client: Client, endpoint: str, *inputs) -> str:
