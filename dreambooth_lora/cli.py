@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gradient checkpointing, 8-bit AdamW on CUDA, text encoder and VAE off the GPU once cached")
     speed.add_argument("--channels-last", action="store_true", help="NHWC memory layout for the UNet")
     speed.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays only on long runs)")
-    speed.add_argument("--no-fused-adam", dest="fused_adam", action="store_false", help="plain AdamW on CUDA")
+    speed.add_argument("--no-fused-adam", dest="fused_adam", action="store_false", help="plain AdamW (PyTorch's default: per-tensor on CPU)")
     speed.add_argument("--host-noise", dest="device_noise", action="store_false",
                        help="draw noise on the CPU and copy it each step (the old way)")
     speed.add_argument("--loss-every", type=int, help="read the loss every K steps (default 10 on CUDA, 1 on CPU)")
