@@ -6,7 +6,10 @@
 Both trainers run as child processes with the machine's default threads and OpenMP policy, on the same saved
 folder, with the same settings (steps, rank, batch 1 + 1, lr 1e-4, 4 class images, resolution, seed 0, identifier
 embedding off) and an empty class-image cache each. Steady-state steps/s skips a warm-up of max(1, steps // 10)
-steps in both. `--json` prints one JSON object instead of the table.
+steps in both. Ours draws no sample images (`--no-samples`), as the reference draws none without a
+--validation_prompt; `--with-samples` keeps ours drawing its 4. Each child's start records the 1-minute load
+average, and the reference's own figure (run_reference.sh's "steady ... after step 1") is kept beside the bench's,
+so a standalone run_reference.sh can be checked against it. `--json` prints one JSON object instead of the table.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 # H100 / H200 SXM dense bf16 peak (NVIDIA's data sheets); the MFU divides by it.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
+LOADS: list[float] = []  # the 1-minute load average as each child starts (a busy machine makes figures incomparable)
 
 
 def default_reference() -> Path | None:
@@ -57,6 +61,7 @@ def make_instance_photos(folder: Path, res: int) -> list[Path]:
 
 def run_child(cmd: list[str], env: dict, log: Path) -> tuple[int, float, int, str]:
     """Run a child to exit: exit code, wall seconds, peak RSS in bytes (it and its descendants), its output."""
+    LOADS.append(round(os.getloadavg()[0], 2))
     started = time.perf_counter()
     with open(log, "w") as out:
         child = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
@@ -83,6 +88,8 @@ def run_ours(args, model_dir: Path, photos: list[Path], work: Path) -> dict:
            "--batch-size", "1", "--lr", "1e-4", "--num-class-images", str(args.num_class), "--resolution", str(args.res),
            "--no-train-token-embedding", "--seed", "0", "--device", args.device, "--mixed-precision", args.precision,
            "--data-root", str(work / "data"), "--prior-dir", str(work / "prior"), "--quiet", "--timings", *args.ours_flag]
+    if not args.with_samples:
+        cmd.append("--no-samples")
     rc, wall, rss, output = run_child(cmd, env, work / "ours.log")
     if rc != 0:
         raise SystemExit(f"our trainer failed (rc={rc}):\n{output[-3000:]}")
@@ -125,7 +132,9 @@ def run_reference(args, model_dir: Path, photos: list[Path], work: Path) -> dict
     class_seconds = next(t for t, done in class_frames if done) - class_frames[0][0] if class_frames else None
     gpu = re.search(r"peak GPU memory: ([0-9.]+) GiB", output)
     loss = re.search(r"final loss ([0-9.e+-]+)", output)
+    own = re.search(r"steady ([0-9.]+) steps/s after step", output)
     return {
+        "own_steady_steps_per_s": float(own.group(1)) if own else None,  # run_reference.sh's figure: from step 1
         "steps_per_s": steady_rate(ends, args.steps),
         "class_images_per_s": args.num_class / class_seconds if class_seconds else None,
         "wall_s": wall, "peak_rss_gib": rss / 2**30, "peak_gpu_gib": float(gpu.group(1)) if gpu else None,
@@ -172,6 +181,8 @@ def main() -> int:
     parser.add_argument("--work", default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--keep-class", action="store_true",
                         help="reuse both trainers' class images from the last run in --work (times training alone)")
+    parser.add_argument("--with-samples", action="store_true",
+                        help="let ours draw its 4 sample images after saving (the reference draws none)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     cuda = args.device == "cuda"
@@ -209,6 +220,8 @@ def main() -> int:
             "peak_memory": (ours["peak_gpu_gib"] / ref["peak_gpu_gib"] if cuda and ref["peak_gpu_gib"]
                             else ours["peak_rss_gib"] / ref["peak_rss_gib"]),
         }
+    report["load_average_at_start"] = dict(zip(("ours", "reference"), LOADS))
+    report["ours_samples"] = bool(args.with_samples)
     if cuda:
         flops = step_flops(model_dir, args.rank, args.res)
         peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in report["machine"]), None)
@@ -234,7 +247,7 @@ def machine(cuda: bool) -> str:
 def table(report: dict) -> str:
     rows = [f"{report['model']} {report['res']} px, rank {report['rank']}, {report['steps']} steps, "
             f"{report['precision']}, on {report['machine']}"]
-    keys = ["steps_per_s", "class_images_per_s", "wall_s", "peak_rss_gib", "peak_gpu_gib", "mfu"]
+    keys = ["steps_per_s", "own_steady_steps_per_s", "class_images_per_s", "wall_s", "peak_rss_gib", "peak_gpu_gib", "mfu"]
     rows.append(f"{'':22}{'ours':>12}{'reference':>12}{'ratio':>10}")
     for key in keys:
         ours, ref = report["ours"].get(key), report.get("reference", {}).get(key)
@@ -244,6 +257,8 @@ def table(report: dict) -> str:
                                               "peak_gpu_gib": "peak_memory"}.get(key, key))
         fmt = lambda v: "-" if v is None else f"{v:.3g}"
         rows.append(f"{key:22}{fmt(ours):>12}{fmt(ref):>12}{fmt(ratio) if ratio else '':>10}")
+    rows.append(f"1-minute load average at each start: {report['load_average_at_start']}; ours draws "
+                f"{'its 4' if report['ours_samples'] else 'no'} sample images, the reference none")
     if "step_tflop" in report:
         rows.append(f"one step: {report['step_tflop']:.2f} TFLOP; MFU against {report['peak_tflops']} TFLOP/s dense bf16")
     return "\n".join(rows)

@@ -341,12 +341,13 @@ def finish_run(library: Library, run: Run, job_id: str, on_progress, started: fl
         meter.write(chosen_entry.id if chosen_entry else None)
         meter.drop_tensors()
     run.checkpoint_path.unlink(missing_ok=True)  # the adapter is saved; the checkpoint has no further use
-    if chosen_entry is not None:
+    if chosen_entry is not None and config.samples:
         write_samples(chosen_entry, run.model, run.trainables, config)  # the chosen point's weights are loaded
         library.keep(chosen_entry.folder / "samples")
         run.trainables.load_tensors(final_tensors)
-    write_samples(entry, run.model, run.trainables, config)
-    library.keep(entry.folder / "samples")
+    if config.samples:
+        write_samples(entry, run.model, run.trainables, config)
+        library.keep(entry.folder / "samples")
     if run.device.type == "cuda":
         run.timings["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     return TrainResult(entry, job_id, run.losses, time.time() - started, run.timings,
