@@ -65,10 +65,11 @@ class TrainConfig:
     low_memory: bool = False  # gradient checkpointing, 8-bit AdamW (CUDA), text encoder and VAE off the GPU once cached
     channels_last: bool = False  # NHWC convolutions; pays on tensor-core GPUs, not on this project's CPU
     compile: bool = False  # torch.compile of the UNet; its compile time must pay back within the run
-    fused_adam: bool = True  # one fused AdamW kernel on CUDA (no effect on CPU)
+    fused_adam: bool = True  # one fused AdamW kernel (CUDA and CPU)
     device_noise: bool = True  # noise and timesteps drawn on the training device: no host-to-device copy per step
     loss_every: int | None = None  # read the loss every k steps (default 10 on CUDA, 1 on CPU): reading waits for the GPU
     class_batch_size: int | None = None  # class images per pipeline call: 8 on CPU, 32 on CUDA by default
+    samples: bool = True  # the adapter's sample images, drawn once it is in the library (--no-samples: none)
     # --- the objective and the meter (README "Quality" has each measured: bench/options.py) ---
     snr_gamma: float = 0.0  # min-SNR-γ weighting (Hang et al. 2023; kohya suggests 5); 0: off
     noise_offset: float = 0.0  # offset noise (Guttenberg 2023; 0.05-0.1 in practice); 0: off

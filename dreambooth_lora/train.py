@@ -104,6 +104,8 @@ class Run:
     meter: Meter | None = None
     # --ema-decay: the moving average of trainables.parameters, in their order (None: off); saved instead of them
     ema: list[torch.Tensor] | None = None
+    # the trained tensors, listed once: walking the models' named parameters for them took 4 ms a step (CPU, sd15-toy)
+    parameters: list = field(default_factory=list)
 
 
 def run_training(
@@ -165,7 +167,7 @@ def prepare_run(config: TrainConfig, job_dir: Path, prior_dir: Path | None, on_p
     run = Run(config, model, trainables, optimizer, generator, scheduler,
               torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16),
               instance_latents, class_latents, device, weight_dtype, autocast_dtype, job_dir / CHECKPOINT_FILE,
-              timings=timings)
+              timings=timings, parameters=trainables.parameters)
     if config.meter_every:  # its probes: the photos' latent means, and the first class images' (else the photos')
         scale = model.vae.config.scaling_factor
         run.meter = Meter.with_probes(config.meter_every, config.prior_weight, instance_latents[0].cpu() * scale,
@@ -233,7 +235,7 @@ def training_step(run: Run) -> torch.Tensor:
     run.scaler.scale(loss).backward()  # the scaler is a pass-through unless the run is fp16
     run.scaler.unscale_(run.optimizer)
     fault_point("step")  # mid-step: gradients computed, weights not yet updated
-    torch.nn.utils.clip_grad_norm_(run.trainables.parameters, 1.0)
+    torch.nn.utils.clip_grad_norm_(run.parameters, 1.0)
     factor = lr_factor(run.config.lr_schedule, run.step, run.config.steps)
     for group in run.optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
@@ -245,7 +247,7 @@ def training_step(run: Run) -> torch.Tensor:
     run.trainables.after_step()
     if run.ema is not None:  # after the identifier's norm cap: the average of capped rows stays within the cap
         with torch.no_grad():
-            torch._foreach_lerp_(run.ema, run.trainables.parameters, ema_rate(run.config.ema_decay, run.step + 1))
+            torch._foreach_lerp_(run.ema, run.parameters, ema_rate(run.config.ema_decay, run.step + 1))
     return loss.detach()
 
 
@@ -361,12 +363,13 @@ def finish_run(library: Library, run: Run, job_id: str, on_progress, started: fl
         meter.write(chosen_entry.id if chosen_entry else None)
         meter.drop_tensors()
     run.checkpoint_path.unlink(missing_ok=True)  # the adapter is saved; the checkpoint has no further use
-    if chosen_entry is not None:
+    if chosen_entry is not None and config.samples:
         write_samples(chosen_entry, run.model, run.trainables, config)  # the chosen point's weights are loaded
         library.keep(chosen_entry.folder / "samples")
         run.trainables.load_tensors(final_tensors)
-    write_samples(entry, run.model, run.trainables, config)
-    library.keep(entry.folder / "samples")
+    if config.samples:
+        write_samples(entry, run.model, run.trainables, config)
+        library.keep(entry.folder / "samples")
     if run.device.type == "cuda":
         run.timings["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     return TrainResult(entry, job_id, run.losses, time.time() - started, run.timings,
@@ -567,7 +570,7 @@ def quantize_text_encoder(text_encoder, compute_dtype: torch.dtype, device):
 
 def make_optimizer(trainables: Trainables, config: TrainConfig, device=torch.device("cpu"),
                    on_progress: Callable[[Progress], None] = lambda progress: None) -> torch.optim.Optimizer:
-    """AdamW (8-bit with --low-memory on CUDA, fused on CUDA); with LoRA+ the B matrices get `ratio` times the A
+    """AdamW (8-bit with --low-memory on CUDA, else fused); with LoRA+ the B matrices get `ratio` times the A
     learning rate (Hayou et al. 2024)."""
     trained = lambda n, p: any(m in n for m in TRAINABLE_MARKERS) and p.requires_grad
     named = [(n, p) for n, p in trainables.model.unet.named_parameters() if trained(n, p)]
@@ -587,7 +590,9 @@ def make_optimizer(trainables: Trainables, config: TrainConfig, device=torch.dev
         except ImportError:
             on_progress(Progress("preparing", message="--low-memory: bitsandbytes is not installed, so AdamW keeps "
                                                       "32-bit state (LoRA's optimizer state is small either way)."))
-    fused = config.fused_adam and device.type == "cuda"
+    # Fused on CPU too: one kernel for all tensors instead of ~10 ops per tensor (7.6 -> 1.3 ms a step for sd15-toy's
+    # 256 LoRA tensors on 2 cores). Other devices keep PyTorch's default.
+    fused = config.fused_adam and device.type in ("cuda", "cpu")
     return with_base_lrs(torch.optim.AdamW(groups, lr=config.lr, weight_decay=1e-2, fused=fused or None))
 
 

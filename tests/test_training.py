@@ -361,3 +361,11 @@ def test_the_cosine_schedule_changes_the_run(tmp_path, session_subject_images, s
         assert result.adapter.meta["lr_schedule"] == schedule
     assert runs["constant"].keys() == runs["cosine"].keys()
     assert not all(torch.equal(runs["constant"][k], runs["cosine"][k]) for k in runs["constant"])
+
+
+
+def test_no_samples_saves_the_adapter_without_sample_images(tmp_path, session_subject_images, session_prior_dir):
+    library = Library(tmp_path / "lib")
+    result = run_training(library, create_job(library, tiny_config("bare", steps=2, samples=False), session_subject_images),
+                          session_prior_dir)
+    assert result.adapter.file.exists() and library.get("bare").samples == []  # bench/speed.py's --no-samples run
