@@ -68,6 +68,16 @@ def build_ui(library: Library, prior_dir: Path | None = None, users: UsersFile |
     scoped = request_scope(library, users)
     with gr.Blocks(title="DreamBooth-LoRA Studio") as demo:
         gr.Markdown("# DreamBooth-LoRA Studio\nTrain a subject from a few photos, then mix subjects with sliders.")
+        if users is not None:  # several users: who is signed in, and Gradio's own /logout
+            with gr.Row():
+                signed_in = gr.Markdown(elem_id="signed-in")
+                gr.Button("Log out", link="/logout", size="sm", scale=0, elem_id="log-out")
+
+            def who(request: gr.Request) -> str:
+                mine = scoped(request)
+                return views.signed_in_text(mine.user, mine.admin)
+
+            demo.load(who, None, signed_in)
         timer = gr.Timer(REFRESH_SECONDS)
         with gr.Tabs():
             with gr.Tab("Train", id="train"):

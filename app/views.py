@@ -60,6 +60,13 @@ def queued_message(job, asked_token: str) -> str:
     return text
 
 
+def signed_in_text(user: str | None, admin: bool) -> str:
+    """The header line of a studio served with --users: who is working, and what they see."""
+    if user is None:
+        return ""
+    return f"Signed in as **{user}**" + (" (admin: everyone's adapters and jobs)" if admin else "")
+
+
 def error_markdown(error: UserError | str) -> str:
     return f"**Error:** {ui_error_text(error)}"
 

@@ -239,3 +239,9 @@ def test_the_meter_plot_has_both_curves_and_says_the_chosen_step():
     assert list(frame["curve"]) == ["instance loss"] * 2 + ["prior drift"] * 2
     assert list(frame["value"]) == [0.5, 0.4, 0.01, 0.02] and list(frame["step"]) == [2, 4, 2, 4]
     assert views.meter_title(record).endswith("chose step 4")
+
+
+def test_the_header_says_who_is_signed_in_and_what_an_admin_sees():
+    assert views.signed_in_text(None, True) == ""  # one user: no header line
+    assert views.signed_in_text("alice", False) == "Signed in as **alice**"
+    assert "everyone's adapters and jobs" in views.signed_in_text("root", True)
