@@ -242,6 +242,9 @@ def test_a_job_whose_node_is_removed_resumes_on_the_other_node_from_its_checkpoi
         wait_for(lambda: store.fs.invalidate_cache() or store.fs.exists(checkpoint_key), "its checkpoint in the store")
         running_on = next(n for n in nodes if n.node_id == first.runner.node)
         cluster.remove_node(running_on, allow_graceful=False)
+        # Its worker process notices the lost raylet a moment later; released before that, it would train on
+        # (and checkpoint step 6) on a node Ray has given up (README "More than one machine", known limits).
+        wait_for(lambda: not pid_alive(first.runner.pid), "the first run gone with its node")
         release.touch()  # the run on the other node passes step 5 freely
         job = wait_for(lambda: (j := jobs.get(job_id)).status in (JobStatus.DONE, JobStatus.FAILED) and j, "the job done")
         assert job.status == JobStatus.DONE, job.error
