@@ -244,11 +244,13 @@ def main() -> int:
               "rank": args.rank, "res": args.res, "precision": args.precision, "threads": os.cpu_count(),
               "ours_flags": args.ours_flag, "repeat": args.repeat, "runs": []}
     for index in range(args.repeat):  # alternating, so a slow spell of the machine hits both
-        if index and not args.keep_class:
-            import shutil
+        import shutil
 
+        # A fresh library each run, also in a reused --work: a library that holds a frozen-identifier adapter refuses
+        # a second one with the same identifier (README "Quality", identifiers).
+        shutil.rmtree(work / "data", ignore_errors=True)
+        if index and not args.keep_class:
             shutil.rmtree(work / "prior", ignore_errors=True)
-            shutil.rmtree(work / "data", ignore_errors=True)  # a fresh library: the same identifier every run
         run = {"ours": run_ours(args, model_dir, photos, work)}
         if not args.skip_reference:
             run["reference"] = run_reference(args, model_dir, photos, work)
