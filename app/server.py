@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+from starlette.middleware import Middleware
+
 from dreambooth_lora.errors import UserError
 from dreambooth_lora.jobs import Jobs
 from dreambooth_lora.library import Library
@@ -17,6 +19,8 @@ from dreambooth_lora.paths import prior_root
 from dreambooth_lora.tinyworld.world import SUBJECT_IMAGE_DIR
 from dreambooth_lora.users import UsersFile
 from dreambooth_lora.worker import terminate_with_parent
+
+from .file_guard import DataRootGuard
 
 WORKER_STOP_SECONDS = 30  # the worker finishes its current step and writes a checkpoint first
 
@@ -49,7 +53,8 @@ def serve(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         demo.launch(server_name=host, server_port=port, auth=users_file.login if users_file else credentials,
-                    allowed_paths=[str(root), str(SUBJECT_IMAGE_DIR)],
+                    allowed_paths=[str(root), str(SUBJECT_IMAGE_DIR)],  # outputs only: app/file_guard.py
+                    app_kwargs={"middleware": [Middleware(DataRootGuard, root=root)]},
                     footer_links=[], quiet=False)
     except OSError as error:
         raise UserError(f"Cannot serve on {host}:{port} ({error}); choose another --port.") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 from gradio_client import Client
 
@@ -37,6 +38,13 @@ def studio(tmp_path, subject_images):
     with running_studio(["--users", users, "--data-root", tmp_path / "data", "--prior-dir", tmp_path / "prior"],
                         tmp_path / "serve.log") as url:
         yield url, library, dog, job_id
+
+
+def fetch_file(url: str, user: str, password: str, path) -> int:
+    """The status of a logged-in GET of `path` through Gradio's file route, as a page would ask for it."""
+    with httpx.Client(base_url=url) as http:
+        assert http.post("/login", data={"username": user, "password": password}).status_code == 200
+        return http.get(f"/gradio_api/file={path}").status_code
 
 
 def call(client: Client, endpoint: str, *inputs) -> str:
@@ -81,6 +89,11 @@ def test_bob_cannot_list_generate_with_export_or_delete_alices_adapter_or_touch_
     assert [(e.id, e.name) for e in library.for_user("alice").list()] == [(dog.id, "dog")]
     assert Jobs(library).get(job_id).status == JobStatus.CANCELLED and Jobs(library).get(job_id).owner == "alice"
     assert library.for_user("bob").list() == []
+    # nor can anyone fetch the data root's files by path through Gradio's file route (app/file_guard.py): not the
+    # database with everyone's rows, not her adapter's weights; the images above came through Gradio's cache
+    for user, password in (("bob", "bob-pw"), ("alice", "alice-pw")):
+        for path in (library.root / "library.db", next((library.root / "adapters" / dog.id).glob("*.safetensors"))):
+            assert fetch_file(url, user, password, path) == 403, (user, path)
     root = Client(url, auth=("root", "root-pw"), verbose=False)
     assert '"dog"' in call(root, "/tick", None) and job_id in call(root, "/refresh", None)
     assert "Deleted job" in call(alice, "/delete_clicked", job_id) and "Deleted **dog**" in call(alice, "/do_delete", "dog")
