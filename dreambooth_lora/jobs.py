@@ -301,7 +301,7 @@ class Jobs:
             return [self._job(row) for row in db.execute(query).mappings().all()]
 
     def _visible(self, query):
-        return query if self.library.admin else query.where(self.library._mine(jobs_table.c.owner))
+        return self.library.visible(query, jobs_table.c.owner)  # scoped like its library
 
     def adapter_name(self, job: Job) -> str | None:
         if not job.adapter_id:
