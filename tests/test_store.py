@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from safetensors.torch import save_file
 
 from dreambooth_lora.checkpoint import checkpoint_step
 from dreambooth_lora.config import TrainConfig
@@ -48,6 +49,46 @@ def test_put_fetch_and_remove_mirror_the_data_root(tmp_path):
     assert not other.fetch(tmp_path / "other" / "jobs" / "missing")
     store.remove(root / "jobs" / "a")
     assert not list((tmp_path / "store").rglob("*.png"))
+
+
+def test_a_fetch_downloads_a_checkpoint_only_when_the_stored_one_continues_from_a_later_step(tmp_path, monkeypatch):
+    import torch
+
+    from dreambooth_lora.checkpoint import save_checkpoint
+
+    url = f"file://{tmp_path / 'store'}"
+    there, here = Store(url, tmp_path / "there"), Store(url, tmp_path / "here")
+
+    def write_checkpoint(root, step: int) -> None:
+        weight = torch.nn.Parameter(torch.full((2,), float(step)))
+        save_checkpoint(root / "jobs" / "a" / "checkpoint.safetensors", {"w": weight}, torch.optim.AdamW([weight]),
+                        torch.Generator(), step, [0.5] * step)
+
+    (tmp_path / "there" / "jobs" / "a" / "meter").mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "there" / "jobs" / "a" / "meter" / "step-00002.safetensors"))
+    write_checkpoint(tmp_path / "there", 4)
+    there.put(tmp_path / "there" / "jobs" / "a")
+    downloaded = []
+    get_file = here.fs.get_file
+    monkeypatch.setattr(here.fs, "get_file", lambda key, *args, **kwargs: downloaded.append(key.rsplit("/", 1)[1])
+                        or get_file(key, *args, **kwargs))
+    folder = tmp_path / "here" / "jobs" / "a"
+    here.fetch(folder)
+    assert sorted(downloaded) == ["checkpoint.safetensors", "step-00002.safetensors"]  # what this machine lacked
+    assert not list(folder.rglob("*.step"))  # the step record stays in the store
+    downloaded.clear()
+    here.fetch(folder)
+    assert downloaded == []  # the same step: nothing downloaded
+    write_checkpoint(tmp_path / "there", 6)
+    there.put(tmp_path / "there" / "jobs" / "a" / "checkpoint.safetensors")
+    here.fetch(folder)
+    assert downloaded == ["checkpoint.safetensors"] and checkpoint_step(folder / "checkpoint.safetensors") == 6
+    downloaded.clear()
+    write_checkpoint(tmp_path / "here", 9)  # this machine got further than the store's step 8
+    write_checkpoint(tmp_path / "there", 8)
+    there.put(tmp_path / "there" / "jobs" / "a" / "checkpoint.safetensors")
+    here.fetch(folder)
+    assert downloaded == [] and checkpoint_step(folder / "checkpoint.safetensors") == 9
 
 
 def test_a_job_created_on_one_machine_trains_on_another_and_its_adapter_is_seen_by_both(machines, tmp_path):
