@@ -43,6 +43,9 @@ METER_FILE = "meter.json"  # the meter's points and chosen step (dreambooth_lora
 METER_CHECKPOINTS = "meter"  # the adapter tensors at each meter point, until the adapter is saved
 LOG_FILE = "log.txt"
 PHASES_FILE = "phases.json"  # when each phase of each run began: the studio's monitor and the adapter's training time
+STORE_REFRESH_SECONDS = 5.0  # a job's log and phases come from the store at most this often (the studio asks each tick)
+_refreshed: dict[Path, float] = {}  # each log and phases file: when (time.monotonic) this process last checked it
+_refreshed_lock = threading.Lock()
 
 
 class JobStatus(StrEnum):
@@ -372,6 +375,7 @@ class Jobs:
                      updated=time.time(),
                      message="", **_runner_values(runner))).rowcount == 1
         if taken:
+            self._from_store(job_id)  # the log and phases this runner appends to, as the last runner left them
             self.log(job_id, f"started on {runner.host} pid {runner.pid}" + (f" (Ray node {runner.node})" if runner.node else ""))
         return taken
 
@@ -463,6 +467,7 @@ class Jobs:
         if not job.resumable:
             raise _failed_by_its_settings(job)
         self.fetch(job_id)
+        self._from_store(job_id)
         if not (job.folder / "images").is_dir():
             raise UserError(f"Job {job_id} has lost its photos ({job.folder / 'images'}); start a new job instead.")
         step = checkpoint_step(job.checkpoint)
@@ -520,22 +525,25 @@ class Jobs:
             self.library.store.fetch(self.folder(job_id))
 
     def mark_phase(self, job_id: str, phase: str, step: int, run: float) -> None:
-        """Record that `phase` began (only the job's runner writes these, so read-append-write is safe)."""
-        marks = [vars(m) for m in self.phases(job_id)] + [vars(PhaseMark(phase, time.time(), step, run))]
+        """Record that `phase` began (only the job's runner writes these, so read-append-write is safe; its copy
+        came from the store when it claimed the job)."""
+        marks = [vars(m) for m in self._read_phases(job_id)] + [vars(PhaseMark(phase, time.time(), step, run))]
         atomic_write_bytes(self.folder(job_id) / PHASES_FILE, json.dumps(marks).encode())
         self.library.keep(self.folder(job_id) / PHASES_FILE)
 
     def phases(self, job_id: str) -> list[PhaseMark]:
-        path = self.folder(job_id) / PHASES_FILE
-        self._refresh(path)
+        self._refresh(job_id, self.folder(job_id) / PHASES_FILE)
+        return self._read_phases(job_id)
+
+    def _read_phases(self, job_id: str) -> list[PhaseMark]:
         try:
-            return [PhaseMark(**mark) for mark in json.loads(path.read_text())]
+            return [PhaseMark(**mark) for mark in json.loads((self.folder(job_id) / PHASES_FILE).read_text())]
         except FileNotFoundError:
             return []
 
     def read_log(self, job_id: str, max_lines: int = 200) -> str:
         """The last `max_lines` lines of the job's log (what happened, with every failure's traceback)."""
-        self._refresh(self.folder(job_id) / LOG_FILE)
+        self._refresh(job_id, self.folder(job_id) / LOG_FILE)
         try:
             lines = (self.folder(job_id) / LOG_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
         except FileNotFoundError:
@@ -550,10 +558,32 @@ class Jobs:
             # Last writer wins in the store: lines two machines append at the same moment may miss one copy.
             self.library.keep(folder / LOG_FILE)
 
-    def _refresh(self, path: Path) -> None:
-        """A job's log or phases as the store has them (its runner may be another machine)."""
-        if self.library.store is not None and path.parent.is_dir():
-            self.library.store.fetch_file(path)
+    def _refresh(self, job_id: str, path: Path) -> None:
+        """A job's log or phases as the store has them when its runner is another machine or this one has no copy
+        (a runner on this machine writes this copy itself); asked at most every STORE_REFRESH_SECONDS per file."""
+        if self.library.store is None or not path.parent.is_dir():
+            return
+        now = time.monotonic()
+        with _refreshed_lock:
+            if path in _refreshed and now - _refreshed[path] < STORE_REFRESH_SECONDS:
+                return
+            _refreshed[path] = now
+        if path.exists() and not self._runs_elsewhere(job_id):
+            return
+        self.library.store.fetch_file(path)
+
+    def _runs_elsewhere(self, job_id: str) -> bool:
+        """Whether the job's last runner is another machine (a Ray node on this machine shares its data root)."""
+        with self.engine.connect() as db:
+            host = db.execute(select(jobs_table.c.runner_host).where(jobs_table.c.id == job_id)).scalar()
+        return host is not None and host != HOST
+
+    def _from_store(self, job_id: str) -> None:
+        """The job's log and phases as the store has them, before this process appends to them: another machine
+        may have run the job since (in the store the last writer wins)."""
+        if self.library.store is not None:
+            for name in (LOG_FILE, PHASES_FILE):
+                self.library.store.fetch_file(self.folder(job_id) / name)
 
     def _job(self, row) -> Job:
         return Job(id=row["id"], status=JobStatus(row["status"]), config=json.loads(row["config"]), phase=row["phase"] or "",
