@@ -321,6 +321,8 @@ def cmd_train(args) -> int:
     if job.status == JobStatus.FAILED:
         print(f"error: training failed: {job.error} (the traceback is in {job.folder / 'log.txt'})", file=sys.stderr)
         return 1
+    if job.status != JobStatus.DONE:  # given up on while it ran: queued or running under another runner now
+        return 1
     timings, meter = job.folder / "timings.json", job.meter_record
     chosen_adapter = None
     if meter.get("chosen_adapter_id"):

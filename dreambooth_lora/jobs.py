@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -20,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Callable
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import and_, delete, func, insert, select, update
 
 from .adapter_file import check_new_name, free_name
 from .checkpoint import checkpoint_step
@@ -43,6 +44,9 @@ METER_FILE = "meter.json"  # the meter's points and chosen step (dreambooth_lora
 METER_CHECKPOINTS = "meter"  # the adapter tensors at each meter point, until the adapter is saved
 LOG_FILE = "log.txt"
 PHASES_FILE = "phases.json"  # when each phase of each run began: the studio's monitor and the adapter's training time
+STORE_REFRESH_SECONDS = 5.0  # a job's log and phases come from the store at most this often (the studio asks each tick)
+_refreshed: dict[Path, float] = {}  # each log and phases file: when (time.monotonic) this process last checked it
+_refreshed_lock = threading.Lock()
 
 
 class JobStatus(StrEnum):
@@ -53,6 +57,12 @@ class JobStatus(StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+class RunnerLost(Exception):
+    """The job is no longer this process's: it was given up on (its Ray node lost, its heartbeat stale) and may
+    be running elsewhere. Raised at the runner's next progress report or cancel check, so it stops writing: no
+    checkpoint, no row (the new runner's), no log line."""
 
 
 class ErrorKind(StrEnum):
@@ -301,7 +311,7 @@ class Jobs:
             return [self._job(row) for row in db.execute(query).mappings().all()]
 
     def _visible(self, query):
-        return query if self.library.admin else query.where(self.library._mine(jobs_table.c.owner))
+        return self.library.visible(query, jobs_table.c.owner)  # scoped like its library
 
     def adapter_name(self, job: Job) -> str | None:
         if not job.adapter_id:
@@ -372,6 +382,7 @@ class Jobs:
                      updated=time.time(),
                      message="", **_runner_values(runner))).rowcount == 1
         if taken:
+            self._from_store(job_id)  # the log and phases this runner appends to, as the last runner left them
             self.log(job_id, f"started on {runner.host} pid {runner.pid}" + (f" (Ray node {runner.node})" if runner.node else ""))
         return taken
 
@@ -390,19 +401,21 @@ class Jobs:
     def beat(self, job_id: str, runner: Runner) -> bool:
         """The runner's heartbeat; False when the job is no longer this runner's."""
         with self.engine.begin() as db:
-            return db.execute(update(jobs_table).where(
-                jobs_table.c.id == job_id, jobs_table.c.runner_pid == runner.pid, jobs_table.c.runner_host == runner.host,
-                jobs_table.c.status.in_([str(s) for s in ACTIVE]),
-            ).values(heartbeat=time.time())).rowcount == 1
+            return db.execute(update(jobs_table).where(jobs_table.c.id == job_id, _owned_by(runner))
+                              .values(heartbeat=time.time())).rowcount == 1
 
-    def update(self, job_id: str, **fields) -> None:
-        """Progress and results; `losses` is a list, `status` a JobStatus."""
+    def update(self, job_id: str, runner: Runner | None = None, **fields) -> bool:
+        """Progress and results; `losses` is a list, `status` a JobStatus. With `runner` (the runner's own writes)
+        only while the job is still that runner's. Returns whether the row was written."""
         if "losses" in fields:
             fields["losses"] = json.dumps(fields["losses"])
         if "status" in fields:
             fields["status"] = str(JobStatus(fields["status"]))
+        query = update(jobs_table).where(jobs_table.c.id == job_id)
+        if runner is not None:
+            query = query.where(_owned_by(runner))
         with self.engine.begin() as db:
-            db.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(updated=time.time(), **fields))
+            return db.execute(query.values(updated=time.time(), **fields)).rowcount == 1
 
     def lost(self, job_id: str, why: str) -> JobStatus | None:
         """A running job whose runner is known to be gone (its Ray task failed with its node): cancelled when a
@@ -432,9 +445,14 @@ class Jobs:
             return None
         return self.resume(job_id)
 
-    def cancel_requested(self, job_id: str) -> bool:
+    def cancel_requested(self, job_id: str, runner: Runner | None = None) -> bool | None:
+        """Whether a cancel was asked for; with `runner`, None when the job is no longer that runner's."""
+        query = select(jobs_table.c.cancel_requested).where(jobs_table.c.id == job_id)
+        if runner is not None:
+            query = query.where(_owned_by(runner))
         with self.engine.connect() as db:
-            return bool(db.execute(select(jobs_table.c.cancel_requested).where(jobs_table.c.id == job_id)).scalar())
+            row = db.execute(query).first()
+        return None if row is None and runner is not None else bool(row and row[0])
 
     # ----- what a person does -----
     def cancel(self, job_id: str) -> JobStatus:
@@ -463,6 +481,7 @@ class Jobs:
         if not job.resumable:
             raise _failed_by_its_settings(job)
         self.fetch(job_id)
+        self._from_store(job_id)
         if not (job.folder / "images").is_dir():
             raise UserError(f"Job {job_id} has lost its photos ({job.folder / 'images'}); start a new job instead.")
         step = checkpoint_step(job.checkpoint)
@@ -520,22 +539,25 @@ class Jobs:
             self.library.store.fetch(self.folder(job_id))
 
     def mark_phase(self, job_id: str, phase: str, step: int, run: float) -> None:
-        """Record that `phase` began (only the job's runner writes these, so read-append-write is safe)."""
-        marks = [vars(m) for m in self.phases(job_id)] + [vars(PhaseMark(phase, time.time(), step, run))]
+        """Record that `phase` began (only the job's runner writes these, so read-append-write is safe; its copy
+        came from the store when it claimed the job)."""
+        marks = [vars(m) for m in self._read_phases(job_id)] + [vars(PhaseMark(phase, time.time(), step, run))]
         atomic_write_bytes(self.folder(job_id) / PHASES_FILE, json.dumps(marks).encode())
         self.library.keep(self.folder(job_id) / PHASES_FILE)
 
     def phases(self, job_id: str) -> list[PhaseMark]:
-        path = self.folder(job_id) / PHASES_FILE
-        self._refresh(path)
+        self._refresh(job_id, self.folder(job_id) / PHASES_FILE)
+        return self._read_phases(job_id)
+
+    def _read_phases(self, job_id: str) -> list[PhaseMark]:
         try:
-            return [PhaseMark(**mark) for mark in json.loads(path.read_text())]
+            return [PhaseMark(**mark) for mark in json.loads((self.folder(job_id) / PHASES_FILE).read_text())]
         except FileNotFoundError:
             return []
 
     def read_log(self, job_id: str, max_lines: int = 200) -> str:
         """The last `max_lines` lines of the job's log (what happened, with every failure's traceback)."""
-        self._refresh(self.folder(job_id) / LOG_FILE)
+        self._refresh(job_id, self.folder(job_id) / LOG_FILE)
         try:
             lines = (self.folder(job_id) / LOG_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
         except FileNotFoundError:
@@ -550,10 +572,32 @@ class Jobs:
             # Last writer wins in the store: lines two machines append at the same moment may miss one copy.
             self.library.keep(folder / LOG_FILE)
 
-    def _refresh(self, path: Path) -> None:
-        """A job's log or phases as the store has them (its runner may be another machine)."""
-        if self.library.store is not None and path.parent.is_dir():
-            self.library.store.fetch_file(path)
+    def _refresh(self, job_id: str, path: Path) -> None:
+        """A job's log or phases as the store has them when its runner is another machine or this one has no copy
+        (a runner on this machine writes this copy itself); asked at most every STORE_REFRESH_SECONDS per file."""
+        if self.library.store is None or not path.parent.is_dir():
+            return
+        now = time.monotonic()
+        with _refreshed_lock:
+            if path in _refreshed and now - _refreshed[path] < STORE_REFRESH_SECONDS:
+                return
+            _refreshed[path] = now
+        if path.exists() and not self._runs_elsewhere(job_id):
+            return
+        self.library.store.fetch_file(path)
+
+    def _runs_elsewhere(self, job_id: str) -> bool:
+        """Whether the job's last runner is another machine (a Ray node on this machine shares its data root)."""
+        with self.engine.connect() as db:
+            host = db.execute(select(jobs_table.c.runner_host).where(jobs_table.c.id == job_id)).scalar()
+        return host is not None and host != HOST
+
+    def _from_store(self, job_id: str) -> None:
+        """The job's log and phases as the store has them, before this process appends to them: another machine
+        may have run the job since (in the store the last writer wins)."""
+        if self.library.store is not None:
+            for name in (LOG_FILE, PHASES_FILE):
+                self.library.store.fetch_file(self.folder(job_id) / name)
 
     def _job(self, row) -> Job:
         return Job(id=row["id"], status=JobStatus(row["status"]), config=json.loads(row["config"]), phase=row["phase"] or "",
@@ -575,6 +619,12 @@ def _runner(row) -> Runner | None:
 
 def _failed_by_its_settings(job: Job) -> UserError:
     return UserError(f"Job {job.id} failed because of its settings ({job.error}); fix them and start a new job.")
+
+
+def _owned_by(runner: Runner):
+    """The job still runs under `runner`: not given up on (interrupted), nor queued again and claimed by another."""
+    return and_(jobs_table.c.runner_pid == runner.pid, jobs_table.c.runner_host == runner.host,
+                jobs_table.c.status.in_([str(s) for s in ACTIVE]))
 
 
 def _same(column, value):
@@ -608,7 +658,8 @@ def run_job(jobs: Jobs, job_id: str, prior_dir=None, *, observer: Callable | Non
     `observer(job_id, progress)` sees every progress report after it is recorded; `stop` (SIGTERM in the worker)
     interrupts at the next step with a checkpoint. Every exception ends the job as failed with a one-line reason;
     the traceback goes to the job's log file; with `raise_user_errors` (the CLI) a UserError is raised again
-    after it is recorded, so the person sees its sentence.
+    after it is recorded, so the person sees its sentence. A runner whose job is taken from it (RunnerLost) stops
+    at once and returns the job as its new runner has it.
     """
     from .train import TrainingStopped, run_training  # train imports this module; listing jobs needs no trainer
 
@@ -616,40 +667,51 @@ def run_job(jobs: Jobs, job_id: str, prior_dir=None, *, observer: Callable | Non
     job = jobs.get(job_id)
     if job.config.get("sample_every") is not None:  # the job's own setting (the studio's Advanced) wins
         sample_every = job.config["sample_every"]
+    runner = job.runner
     if saved := jobs.adapter_name(job):  # its adapter reached the library before a crash (while samples were drawn)
-        jobs.update(job_id, status=JobStatus.DONE, phase=str(JobStatus.DONE), step=len(job.losses),
+        jobs.update(job_id, runner=runner, status=JobStatus.DONE, phase=str(JobStatus.DONE), step=len(job.losses),
                     message=f"saved adapter {saved} (before an interruption)")
         return jobs.get(job_id)
-    runner = job.runner
     jobs.fetch(job_id)  # from the store: this machine may not have trained it before
-    writer = _ProgressWriter(jobs, job_id, observer)
-    heartbeat = _Heartbeat(jobs, job_id, runner)
+    writer = _ProgressWriter(jobs, job_id, observer, runner)
+    heartbeat = _Heartbeat(jobs, job_id, runner, on_lost=writer.lost.set)
     heartbeat.start()
+    # Every write to the row below is the runner's own: made only while the job is still this runner's (owned).
+    owned = True
     try:
         result = run_training(jobs.library, job_id, prior_dir, on_progress=writer, should_stop=writer.stop_check(stop),
                               sample_every=sample_every)
+    except RunnerLost:
+        owned = False
     except TrainingStopped as stopped:
         status = JobStatus.CANCELLED if writer.cancel_seen or jobs.cancel_requested(job_id) else JobStatus.INTERRUPTED
-        jobs.update(job_id, status=status, phase=str(status), step=stopped.step, losses=writer.losses[: stopped.step],
-                    message=f"{status} at step {stopped.step}; the checkpoint is kept, so it can be resumed")
+        owned = jobs.update(job_id, runner=runner, status=status, phase=str(status), step=stopped.step,
+                            losses=writer.losses[: stopped.step],
+                            message=f"{status} at step {stopped.step}; the checkpoint is kept, so it can be resumed")
     except KeyboardInterrupt:  # before the training loop (loading, class images): nothing to checkpoint yet
         status = JobStatus.CANCELLED if jobs.cancel_requested(job_id) else JobStatus.INTERRUPTED
-        jobs.update(job_id, status=status, phase=str(status),
-                    message=f"{status} before training started; resume to start it again")
+        owned = jobs.update(job_id, runner=runner, status=status, phase=str(status),
+                            message=f"{status} before training started; resume to start it again")
     except Exception as error:  # noqa: BLE001 - any failure (bad input, out of memory) ends the job as failed
-        jobs.log(job_id, "failed:\n" + traceback.format_exc())
         kind = ErrorKind.USER if isinstance(error, UserError) else ErrorKind.CRASH
-        jobs.update(job_id, status=JobStatus.FAILED, phase=str(JobStatus.FAILED), error=one_line(error),
-                    error_kind=str(kind), losses=writer.losses)
+        owned = jobs.update(job_id, runner=runner, status=JobStatus.FAILED, phase=str(JobStatus.FAILED),
+                            error=one_line(error), error_kind=str(kind), losses=writer.losses)
+        if owned:
+            jobs.log(job_id, "failed:\n" + traceback.format_exc())
         if raise_user_errors and isinstance(error, UserError):
             raise
     else:
         (jobs.folder(job_id) / "timings.json").write_text(json.dumps(result.timings))  # for bench/speed.py
-        jobs.update(job_id, status=JobStatus.DONE, phase=str(JobStatus.DONE), step=len(result.losses),
-                    losses=result.losses, adapter_id=result.adapter.id, message=f"saved adapter {result.adapter.name}")
+        owned = jobs.update(job_id, runner=runner, status=JobStatus.DONE, phase=str(JobStatus.DONE),
+                            step=len(result.losses), losses=result.losses, adapter_id=result.adapter.id,
+                            message=f"saved adapter {result.adapter.name}")
     finally:
         heartbeat.stop()
     job = jobs.get(job_id)
+    if not owned:  # its log and phases are the new runner's too
+        print(f"job {job_id}: stopped, no longer this runner's (pid {os.getpid()} on {HOST}); it is {job.status} now",
+              file=sys.stderr, flush=True)
+        return job
     jobs.mark_phase(job_id, str(job.status), job.step, writer.run)
     jobs.log(job_id, f"{job.status} at step {job.step}" + (f": {job.error}" if job.error else ""))
     return job
@@ -665,8 +727,8 @@ def one_line(error: BaseException) -> str:
 class _Heartbeat:
     """A thread that writes the runner's heartbeat every HEARTBEAT_SECONDS, so loading and class images count."""
 
-    def __init__(self, jobs: Jobs, job_id: str, runner: Runner | None):
-        self.jobs, self.job_id, self.runner = jobs, job_id, runner
+    def __init__(self, jobs: Jobs, job_id: str, runner: Runner | None, on_lost: Callable[[], None]):
+        self.jobs, self.job_id, self.runner, self.on_lost = jobs, job_id, runner, on_lost
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
 
@@ -681,14 +743,18 @@ class _Heartbeat:
 
     def _run(self) -> None:
         while not self._stopped.wait(HEARTBEAT_SECONDS):
-            self.jobs.beat(self.job_id, self.runner)
+            if not self.jobs.beat(self.job_id, self.runner):
+                self.on_lost()  # the training loop stops at its next report or check (RunnerLost)
+                return
 
 
 class _ProgressWriter:
-    """on_progress for run_training: throttled writes of phase, step and losses, and the cancel check."""
+    """on_progress for run_training: throttled writes of phase, step and losses, and the cancel check. Both raise
+    RunnerLost once the job is no longer `runner`'s (its write found the row another's, or the heartbeat did)."""
 
-    def __init__(self, jobs: Jobs, job_id: str, observer: Callable | None = None):
-        self.jobs, self.job_id, self.observer = jobs, job_id, observer
+    def __init__(self, jobs: Jobs, job_id: str, observer: Callable | None = None, runner: Runner | None = None):
+        self.jobs, self.job_id, self.observer, self.runner = jobs, job_id, observer, runner
+        self.lost = threading.Event()
         self.losses: list[float] = list(jobs.get(job_id).losses)
         self.last_write, self.last_phase, self.last_check = 0.0, None, 0.0
         self.cancel_seen = False
@@ -700,14 +766,14 @@ class _ProgressWriter:
             self.observer(self.job_id, progress)
 
     def _record(self, progress) -> None:
+        if self.lost.is_set():
+            raise RunnerLost(self.job_id)
         if progress.phase == "training" and progress.sample is None:
             if progress.message.startswith("resumed"):
                 self.losses = self.losses[: progress.step]  # the checkpoint's step is the truth
             elif progress.loss is not None and progress.step > 0:
                 self.losses[progress.step - 1 :] = [progress.loss]
         now = time.time()
-        if progress.phase != self.last_phase:
-            self.jobs.mark_phase(self.job_id, progress.phase, progress.step, self.run)
         urgent = progress.phase != self.last_phase or progress.message or progress.sample is not None
         if not urgent and now - self.last_write < WRITE_INTERVAL and progress.step != progress.total:
             return
@@ -718,8 +784,13 @@ class _ProgressWriter:
             fields["losses"] = self.losses
         if progress.message:
             fields["message"] = progress.message
+        if not self.jobs.update(self.job_id, runner=self.runner, **fields):
+            self.lost.set()
+            raise RunnerLost(self.job_id)
+        if progress.phase != self.last_phase:
+            self.jobs.mark_phase(self.job_id, progress.phase, progress.step, self.run)
+        if progress.message:
             self.jobs.log(self.job_id, progress.message)
-        self.jobs.update(self.job_id, **fields)
         self.last_write, self.last_phase = now, progress.phase
 
     def stop_check(self, stop: threading.Event):
@@ -729,7 +800,12 @@ class _ProgressWriter:
             now = time.time()
             if now - self.last_check >= CANCEL_CHECK_INTERVAL:
                 self.last_check = now
-                self.cancel_seen = self.jobs.cancel_requested(self.job_id)
+                asked = self.jobs.cancel_requested(self.job_id, self.runner)
+                if asked is None:
+                    self.lost.set()
+                self.cancel_seen = bool(asked)
+            if self.lost.is_set():
+                raise RunnerLost(self.job_id)
             return self.cancel_seen
 
         return should_stop

@@ -120,8 +120,10 @@ class Library:
         """The owner condition of rows this library acts on: NULL-safe equality with its user."""
         return column.is_(None) if self.user is None else column == self.user
 
-    def _visible(self, query):
-        return query if self.admin else query.where(self._mine(adapters.c.owner))
+    def visible(self, query, owner=adapters.c.owner):
+        """`query` restricted to the rows this library's user may see (every row for an admin); `owner` is the
+        owner column of the table it reads: the adapters' by default, the jobs' for jobs.py."""
+        return query if self.admin else query.where(self._mine(owner))
 
     # ----- adapters -----
     def new_adapter_id(self) -> str:
@@ -171,13 +173,13 @@ class Library:
 
     def list(self) -> list[AdapterEntry]:
         with self.engine.connect() as db:
-            rows = db.execute(self._visible(select(adapters)).order_by(adapters.c.created.desc())).mappings().all()
+            rows = db.execute(self.visible(select(adapters)).order_by(adapters.c.created.desc())).mappings().all()
         return [self._entry(row) for row in rows]
 
     def get(self, name_or_id: str) -> AdapterEntry:
         """By id, else by name; an admin seeing several adapters of that name gets their own (else names the ids)."""
         with self.engine.connect() as db:
-            rows = db.execute(self._visible(select(adapters)).where(
+            rows = db.execute(self.visible(select(adapters)).where(
                 or_(adapters.c.name == name_or_id, adapters.c.id == name_or_id))).mappings().all()
         rows = [r for r in rows if r["id"] == name_or_id] or rows
         if len(rows) > 1:

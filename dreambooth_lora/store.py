@@ -8,6 +8,8 @@ copy, and the store holds the same tree under the URL: `adapters/<id>/…` and `
 - what a row points at is put in the store before the row is committed (a job's photos before its row, an
   adapter's folder before its row), so no machine ever lists something the store lacks;
 - a checkpoint is put after it is written locally, so a job resumes on another machine from its last checkpoint;
+  beside it goes a step record (`<key>.step`, the step as text), so a machine that has a checkpoint of its own
+  downloads the store's only when it continues from a later step;
 - a machine that lacks a folder fetches it when it needs it (`fetch`), so any machine can generate with any
   adapter and train any job.
 
@@ -26,6 +28,7 @@ from pathlib import Path
 from .errors import UserError
 
 STORE_ENV = "DBL_STORE_URL"
+STEP_SUFFIX = ".step"  # beside a checkpoint in the store: the step it continues from (a fetch compares this)
 
 
 class Store:
@@ -58,12 +61,18 @@ class Store:
             self._put_file(local, self.key(target))
 
     def _put_file(self, local: Path, key: str) -> None:
+        step = _checkpoint_step(local) if local.name.endswith(".safetensors") else None
+        self._put_object(key, lambda target: self.fs.put_file(str(local), target))
+        if step is not None:  # after the checkpoint: a record never names a step the store does not have yet
+            self._put_object(key + STEP_SUFFIX, lambda target: self.fs.pipe_file(target, str(step).encode()))
+
+    def _put_object(self, key: str, write) -> None:
         if not self.renames:
-            self.fs.put_file(str(local), key)
+            write(key)
             return
         partial = f"{key}.{uuid.uuid4().hex[:8]}.part"
         self.fs.makedirs(key.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.put_file(str(local), partial)
+        write(partial)
         self.fs.mv(partial, key)
 
     def remove(self, local: Path) -> None:
@@ -85,12 +94,22 @@ class Store:
             remote = [p for p in self.fs.find(prefix) if not p.endswith(".part")]
         except FileNotFoundError:
             remote = []
+        recorded = {key.removesuffix(STEP_SUFFIX) for key in remote if key.endswith(STEP_SUFFIX)}
         for key in remote:
+            if key.endswith(STEP_SUFFIX):
+                continue
             path = local / key[len(prefix) + 1:]
-            if path.exists() and not refresh and not path.name.endswith(".safetensors"):
+            # What this machine has stands (objects are written once), except a checkpoint the store holds at a
+            # later step: its step record, a few bytes, says so without downloading the checkpoint.
+            if path.exists() and not refresh and not (key in recorded and self._later_step(key, path)):
                 continue
             self._fetch_file(key, path)
         return bool(remote)
+
+    def _later_step(self, key: str, path: Path) -> bool:
+        """Whether the store's checkpoint at `key` continues from a later step than the local one at `path`."""
+        theirs, ours = int(self.fs.cat_file(key + STEP_SUFFIX)), _checkpoint_step(path)
+        return ours is not None and theirs > ours  # (a local file that is no checkpoint stands: _older_or_same)
 
     def fetch_file(self, local: Path) -> None:
         """Bring one file (a log, the phases) up to date from the store, when the store has it."""
@@ -114,13 +133,18 @@ class Store:
 def _older_or_same(fetched: Path, local: Path) -> bool:
     """A fetched checkpoint that does not continue from a later step than the local one; adapter files (no step
     in their header) are the same object once written, so the local copy stands."""
+    theirs, ours = _checkpoint_step(fetched), _checkpoint_step(local)
+    return theirs is None or ours is None or theirs <= ours
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The step of a checkpoint file (its header's); None for a missing file or one that is not a checkpoint."""
     from .checkpoint import checkpoint_step  # torch: only where checkpoints are compared
 
     try:
-        theirs, ours = checkpoint_step(fetched), checkpoint_step(local)
-    except (KeyError, TypeError):  # not a checkpoint: an adapter file, written once
-        return True
-    return ours is not None and (theirs is None or theirs <= ours)
+        return checkpoint_step(path)
+    except (KeyError, TypeError):  # no step in its header: an adapter file or a meter point's tensors
+        return None
 
 
 def _hidden(relative: Path) -> bool:

@@ -156,6 +156,24 @@ def test_a_user_sees_and_acts_on_only_their_jobs(root, subject_images):
     assert json.loads(json.dumps(Jobs(library).get(bob_job).to_dict()))["owner"] == "bob"
 
 
+def test_a_library_restricts_a_query_on_any_owned_table_to_what_its_user_may_see(root, subject_images):
+    # Library.visible is the one scoping rule; jobs.py applies it to the jobs table through it
+    from sqlalchemy import select
+
+    from dreambooth_lora.db import jobs as jobs_table
+
+    library = Library(root)
+    config = TrainConfig(token="sks", class_noun="box", base_model="builtin:tiny-random", name="box")
+    ids = {user: Jobs(library.for_user(user)).create(config, subject_images) for user in ("alice", "bob")}
+
+    def seen(view: Library) -> set:
+        with view.engine.connect() as db:
+            return set(db.execute(view.visible(select(jobs_table.c.id), jobs_table.c.owner)).scalars())
+
+    assert seen(library.for_user("alice")) == {ids["alice"]} and seen(library.for_user("carol")) == set()
+    assert seen(library.for_user("root", admin=True)) == seen(library) == set(ids.values())
+
+
 def test_a_job_stores_its_adapter_under_its_user(root, subject_images, session_prior_dir):
     from dreambooth_lora.jobs import Runner, run_job
 

@@ -177,6 +177,29 @@ def test_a_live_runner_keeps_its_job_and_a_silent_one_loses_it(jobs):
     assert jobs.get(live).status == JobStatus.RUNNING
 
 
+def test_a_runner_whose_job_was_queued_again_elsewhere_stops_and_leaves_the_job_to_its_new_runner(library, jobs,
+                                                                                                     prior_dir, monkeypatch):
+    monkeypatch.setattr(jobs_module, "CANCEL_CHECK_INTERVAL", 0.0)  # the loop asks at every step, as cancel does
+    job_id = jobs.create(config("fenced", 8, checkpoint_seconds=0), IMAGES)
+    jobs.claim(job_id, Runner.this_process())
+    elsewhere = Runner("another-host", 4242, time.time(), time.time(), node="other-node")
+
+    def lost_at_step_2(_job_id, progress) -> None:
+        # what the Ray dispatcher does when this runner's node is removed while the process lives on
+        if progress.phase == "training" and progress.step == 2 and jobs.get(job_id).runner.host != "another-host":
+            assert jobs.lost(job_id, "its node was removed") == JobStatus.INTERRUPTED
+            jobs.requeue(job_id, 3)
+            jobs.claim(job_id, elsewhere)
+
+    returned = jobs_module.run_job(jobs, job_id, prior_dir, observer=lost_at_step_2)
+    job = jobs.get(job_id)
+    assert returned.status == job.status == JobStatus.RUNNING and job.runner.host == "another-host"
+    assert job.phase == "preparing" and job.adapter_id is None and job.step <= 2  # as the claim left it
+    assert library.list() == [] and not job.checkpoint.exists()  # stopped at once: no adapter, no checkpoint
+    assert jobs.beat(job_id, elsewhere)  # still the new runner's
+    assert "started on another-host" in jobs.read_log(job_id).splitlines()[-1]  # nothing logged after the claim
+
+
 def test_a_crashing_job_records_its_error_and_the_queue_goes_on(library, jobs, prior_dir):
     lost = jobs.create(config("lost-images", 2), IMAGES)
     shutil.rmtree(jobs.folder(lost) / "images")
