@@ -9,6 +9,7 @@ meter "predicts" when the chosen fidelity is at least the final's with leak no h
 
     python bench/options.py --json > options.json   # 42 trainings (7 rows); tables on stderr
     python bench/options.py --variants ema-0.98 no-ema --seeds 0 1   # chosen rows
+    python bench/options.py --variants batch-4 --runs bluecyan-box:2 redyellow-ball:3   # chosen runs
     python bench/options.py --quick                 # one training per row
 """
 
@@ -56,10 +57,14 @@ def main() -> int:
                         help=f"only these rows ({', '.join(VARIANTS)}; default: all but {' and '.join(REPEATS)}, "
                              "whose adapters other rows repeat)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds (default 0 1)")
+    parser.add_argument("--subjects", nargs="+", default=None, metavar="SUBJECT", help="only these subjects (default: all)")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="SUBJECT:SEED",
+                        help="only these runs, e.g. bluecyan-box:2 redyellow-ball:3 (instead of subjects x seeds)")
     parser.add_argument("--work", default=None, help="folder for the runs' libraries and class images (default: a temporary one)")
     args = parser.parse_args()
     variants = args.variants or [name for name in VARIANTS if name not in REPEATS]
-    report = run_tasks(plan(args.quick, args.samples, variants, args.seeds), args.workers, args.machine, args.work,
+    pairs = [(text.rsplit(":", 1)[0], int(text.rsplit(":", 1)[1])) for text in args.runs or ()]
+    report = run_tasks(plan(args.quick, args.samples, variants, args.seeds, args.subjects, pairs), args.workers, args.machine, args.work,
                        on_row=lambda row: print(json.dumps(row), file=sys.stderr, flush=True))
     report["summary"] = summarise(report["runs"])
     print_tables(report, sys.stderr if args.json else sys.stdout)
