@@ -34,6 +34,12 @@ VARIANTS = {
     "batch-4-600": Settings(batch_size=4, steps=600),
     "batch-4+ema-0.98": Settings(batch_size=4, ema_decay=0.98),
     "batch-4+offset-0.05": Settings(batch_size=4, noise_offset=0.05),
+    "lr-5e-4-800": Settings(lr=5e-4, steps=800),
+    "lr-5e-4-600+ema-0.98": Settings(lr=5e-4, steps=600, ema_decay=0.98),
+    "batch-4+lr-7e-4-500": Settings(batch_size=4, lr=7e-4, steps=500),
+    "token-lr-2e-3": Settings(token_lr=2e-3),  # the identifier's rate (default 5e-3)
+    "token-lr-1e-3": Settings(token_lr=1e-3),
+    "lr-7e-4-500": Settings(lr=7e-4, steps=500),
 }
 # rows that repeat another's adapters: defaults is ema-0.95 (config.defaults_for), no-ema is defaults+meter's final
 REPEATS = ("defaults", "no-ema")
