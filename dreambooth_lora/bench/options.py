@@ -1,6 +1,7 @@
 """The option rows of the quality bench (engine of bench/options.py): the product's defaults with the meter on,
 min-SNR-γ, noise offset, a cosine rate and the weight average (EMA) off and at two decays, each over every shipped
-subject at λ = 1 and the grid's two seeds.
+subject at λ = 1 and the grid's two seeds; and the candidates screened for the built-ins' defaults (SCREENED, issue 16),
+run by name.
 
 The meter rides on the defaults row: measuring changes no weight and draws no random number (tests/test_meter.py),
 so a run's final adapter is the defaults' adapter, and its chosen point is scored beside it.
