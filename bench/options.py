@@ -4,11 +4,12 @@ a cosine learning-rate schedule, the weight average (--ema-decay) off, 0.98 and 
 and the meter's chosen checkpoint beside the final one (dreambooth_lora/bench/options.py).
 
 Every row trains each shipped subject at λ = 1 with seeds 0 and 1 (--quick: one subject, seed 0) with the product's
-defaults otherwise. The meter table holds, per run, the chosen point's fidelity and leak beside the final's; the
-meter "predicts" when the chosen fidelity is at least the final's with leak no higher in at least 5 of 6 runs.
+defaults otherwise; the rows screened for the built-ins' defaults (issue 16) run by name only. The meter table holds,
+per run, the chosen point's fidelity and leak beside the final's; the meter "predicts" when the chosen fidelity is at least the final's with leak no higher in at least 5 of 6 runs.
 
     python bench/options.py --json > options.json   # 42 trainings (7 rows); tables on stderr
     python bench/options.py --variants ema-0.98 no-ema --seeds 0 1   # chosen rows
+    python bench/options.py --variants batch-4 --runs bluecyan-box:2 redyellow-ball:3   # chosen runs
     python bench/options.py --quick                 # one training per row
 """
 
@@ -53,13 +54,17 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="single-threaded worker processes")
     parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU", help="what to call this machine in the report")
     parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
-                        help=f"only these rows ({', '.join(VARIANTS)}; default: all but {' and '.join(REPEATS)}, "
-                             "whose adapters other rows repeat)")
+                        help=f"only these rows ({', '.join(VARIANTS)}; default: all but defaults and no-ema, "
+                             "whose adapters other rows repeat, and the rows screened for the defaults, issue 16)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds (default 0 1)")
+    parser.add_argument("--subjects", nargs="+", default=None, metavar="SUBJECT", help="only these subjects (default: all)")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="SUBJECT:SEED",
+                        help="only these runs, e.g. bluecyan-box:2 redyellow-ball:3 (instead of subjects x seeds)")
     parser.add_argument("--work", default=None, help="folder for the runs' libraries and class images (default: a temporary one)")
     args = parser.parse_args()
     variants = args.variants or [name for name in VARIANTS if name not in REPEATS]
-    report = run_tasks(plan(args.quick, args.samples, variants, args.seeds), args.workers, args.machine, args.work,
+    pairs = [(text.rsplit(":", 1)[0], int(text.rsplit(":", 1)[1])) for text in args.runs or ()]
+    report = run_tasks(plan(args.quick, args.samples, variants, args.seeds, args.subjects, pairs), args.workers, args.machine, args.work,
                        on_row=lambda row: print(json.dumps(row), file=sys.stderr, flush=True))
     report["summary"] = summarise(report["runs"])
     print_tables(report, sys.stderr if args.json else sys.stdout)

@@ -113,6 +113,23 @@ def test_options_plan_has_each_variant_over_every_subject_and_both_seeds_at_lamb
     assert len(options.plan(quick=True)) == len(options.VARIANTS)
 
 
+def test_options_plan_picks_subjects_or_single_runs_for_screening():
+    from dreambooth_lora.bench import options
+
+    boxes = options.plan(quick=False, variants=["batch-4"], seeds=[2, 3], subjects=["bluecyan-box"])
+    assert [(run.subject, run.seed, run.variant) for run, _ in boxes] == [("bluecyan-box", 2, "batch-4"), ("bluecyan-box", 3, "batch-4")]
+    assert boxes[0][1].batch_size == 4 and boxes[0][0].prior_weight == 1.0
+    pairs = [("bluecyan-box", 1), ("redyellow-ball", 3)]
+    runs = options.plan(quick=False, variants=["defaults", "lr-7e-4-500"], pairs=pairs)
+    assert [(run.variant, run.subject, run.seed) for run, _ in runs] == [
+        ("defaults", "bluecyan-box", 1), ("defaults", "redyellow-ball", 3),
+        ("lr-7e-4-500", "bluecyan-box", 1), ("lr-7e-4-500", "redyellow-ball", 3)]
+    assert runs[2][1].lr == 7e-4 and runs[2][1].steps == 500 and runs[0][1].lr is None
+    with pytest.raises(SystemExit):
+        options.plan(quick=False, subjects=["no-such-subject"])
+    assert set(options.SCREENED) <= set(options.REPEATS)  # screened rows run by name only
+
+
 def test_meter_verdict_counts_chosen_at_least_final_with_leak_no_higher_in_5_of_6():
     from dreambooth_lora.bench.options import meter_verdict, summarise
 

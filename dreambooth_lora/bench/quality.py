@@ -57,6 +57,7 @@ class Settings:
     meter_every: int = 0  # on: keep both, and the row also scores the meter's chosen point ("chosen")
     lr_schedule: str = "constant"
     ema_decay: float | None = None  # None: the product's default
+    rank: int | None = None  # None: TrainConfig's rank
 
 
 def prompts(cls: str) -> dict[str, str]:
@@ -188,7 +189,8 @@ def train_and_evaluate(run: Run, settings: Settings, work: Path) -> dict:
 
     subject = world.SUBJECTS[run.subject]
     overrides = {k: v for k, v in dict(steps=settings.steps, lr=settings.lr, token_lr=settings.token_lr,
-                                        batch_size=settings.batch_size, ema_decay=settings.ema_decay).items()
+                                        batch_size=settings.batch_size, ema_decay=settings.ema_decay,
+                                        rank=settings.rank).items()
                  if v is not None}
     config = TrainConfig(token=TOKEN, class_noun=subject.cls, base_model=MODEL, name=run.name,
                          prior_weight=run.prior_weight, seed=run.seed, text_encoder=run.text_encoder,
