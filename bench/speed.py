@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -174,28 +175,6 @@ def run_reference(args, model_dir: Path, photos: list[Path], work: Path) -> dict
     }
 
 
-def step_flops(model_dir: Path, rank: int, res: int, batch: int = 2) -> float:
-    """FLOPs of one training step (UNet with LoRA, forward + backward, instance + class rows), counted by
-    torch.utils.flop_counter on the meta device: no memory and no weights needed."""
-    import torch
-    from diffusers import UNet2DConditionModel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from dreambooth_lora.lora import attach_unet_lora
-
-    config = UNet2DConditionModel.load_config(model_dir / "unet")
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-        unet.requires_grad_(False)
-        attach_unet_lora(unet, rank, float(rank))
-        latents = torch.randn(batch, 4, res // 8, res // 8)
-        hidden = torch.randn(batch, 77, config["cross_attention_dim"])
-        timesteps = torch.zeros(batch, dtype=torch.long)
-        with FlopCounterMode(display=False) as counter:
-            unet(latents, timesteps, hidden).sample.float().pow(2).mean().backward()
-    return float(counter.get_total_flops())
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -230,8 +209,6 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="dbl-speed-"))
     work.mkdir(parents=True, exist_ok=True)
     if not args.keep_class:
-        import shutil
-
         shutil.rmtree(work / "prior", ignore_errors=True)  # an empty class-image cache, as the reference starts with
     model_dir = Path(args.model_dir) if args.model_dir else work / "model"
     if not (model_dir / "model_index.json").exists():
@@ -244,8 +221,6 @@ def main() -> int:
               "rank": args.rank, "res": args.res, "precision": args.precision, "threads": os.cpu_count(),
               "ours_flags": args.ours_flag, "repeat": args.repeat, "runs": []}
     for index in range(args.repeat):  # alternating, so a slow spell of the machine hits both
-        import shutil
-
         # A fresh library each run, also in a reused --work: a library that holds a frozen-identifier adapter refuses
         # a second one with the same identifier (README "Quality", identifiers).
         shutil.rmtree(work / "data", ignore_errors=True)
@@ -273,7 +248,12 @@ def main() -> int:
     report["busy"] = any(idle is not None and idle < 0.9 for idle in IDLE)
     report["ours_samples"] = bool(args.with_samples)
     if cuda:
-        flops = step_flops(model_dir, args.rank, args.res)
+        from diffusers import UNet2DConditionModel
+
+        from dreambooth_lora.step_cost import step_flops
+
+        # batch 1 + 1: two rows; the VAE's 8x downsampling
+        flops = step_flops(UNet2DConditionModel.load_config(model_dir / "unet"), args.rank, args.res // 8, 2)
         peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in report["machine"]), None)
         report["step_tflop"] = flops / 1e12
         report["peak_tflops"] = peak

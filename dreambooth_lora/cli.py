@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--host-noise", dest="device_noise", action="store_false",
                        help="draw noise on the CPU and copy it each step (the old way)")
     speed.add_argument("--loss-every", type=int, help="read the loss every K steps (default 10 on CUDA, 1 on CPU)")
+    speed.add_argument("--cpu-threads", type=int, metavar="N",
+                       help="CPU threads for the training steps (default: 1 when a step is under 0.5 GFLOP, where a "
+                            "second thread gains little and stalls whenever another process wants a core; else torch's)")
     speed.add_argument("--class-batch-size", type=int, help="class images per pipeline call (default 8 CPU, 32 CUDA)")
     speed.add_argument("--no-samples", dest="samples", action="store_false",
                        help="draw no sample images after the adapter is saved (they cost a run about 2 s on CPU)")
@@ -295,7 +298,7 @@ def cmd_train(args) -> int:
             checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds, device=args.device,
             mixed_precision=args.mixed_precision, config_dir=args.config_dir, low_memory=args.low_memory,
             channels_last=args.channels_last, compile=args.compile, fused_adam=args.fused_adam,
-            device_noise=args.device_noise, loss_every=args.loss_every, class_batch_size=args.class_batch_size, samples=args.samples,
+            device_noise=args.device_noise, loss_every=args.loss_every, class_batch_size=args.class_batch_size, cpu_threads=args.cpu_threads, samples=args.samples,
             snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, meter_every=args.meter_every, keep=args.keep,
             lr_schedule=args.lr_schedule, ema_decay=args.ema_decay,
             sample_every=args.sample_every, sample_prompts=tuple(args.sample_prompts),

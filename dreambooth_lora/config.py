@@ -69,6 +69,7 @@ class TrainConfig:
     device_noise: bool = True  # noise and timesteps drawn on the training device: no host-to-device copy per step
     loss_every: int | None = None  # read the loss every k steps (default 10 on CUDA, 1 on CPU): reading waits for the GPU
     class_batch_size: int | None = None  # class images per pipeline call: 8 on CPU, 32 on CUDA by default
+    cpu_threads: int | None = None  # threads for CPU training steps; None: 1 for a small step, else torch's (step_cost.py)
     samples: bool = True  # the adapter's sample images, drawn once it is in the library (--no-samples: none)
     # --- the objective and the meter (README "Quality" has each measured: bench/options.py) ---
     snr_gamma: float = 0.0  # min-SNR-γ weighting (Hang et al. 2023; kohya suggests 5); 0: off
@@ -99,6 +100,7 @@ class TrainConfig:
         _check_range("--num-class-images", self.num_class_images, 0, 10_000)
         _check_range("--resolution", self.resolution, 8, 2048)
         _check_range("--batch-size", self.batch_size, 1, 64)
+        _check_range("--cpu-threads", self.cpu_threads, 1, 1024)
         _check_range("--checkpoint-every", self.checkpoint_every, 0, 100_000)
         if not 0 <= self.checkpoint_seconds <= 86_400:
             raise UserError(f"--checkpoint-seconds {self.checkpoint_seconds}: must be from 0 to 86400.")

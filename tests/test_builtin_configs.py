@@ -55,3 +55,18 @@ def test_toy_trains_two_steps(tmp_path, session_subject_images, session_prior_di
                          num_class_images=1, train_token_embedding=False)
     result = run_training(library, create_job(library, config, session_subject_images), session_prior_dir)
     assert len(result.losses) == 2 and result.adapter.meta["resolution"] == 64
+
+
+def test_step_cost_counts_flops_and_gives_small_steps_one_thread():
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth_lora.builtin_configs import SHAPES
+    from dreambooth_lora.step_cost import ONE_THREAD_BELOW_FLOPS, cpu_threads, step_flops
+
+    with torch.device("meta"):  # its full config (defaults filled in), without weights
+        toy = dict(UNet2DConditionModel.from_config(SHAPES["builtin:sd15-toy"][0]).config)
+    at_64, at_256 = step_flops(toy, 4, 8, 2), step_flops(toy, 4, 32, 2)
+    assert 0 < at_64 < ONE_THREAD_BELOW_FLOPS < at_256 and at_256 / at_64 > 16  # 16x the pixels, attention more
+    assert step_flops(toy, 4, 8, 4) == pytest.approx(2 * at_64, rel=0.01)
+    assert cpu_threads(None, at_64, 8) == 1 and cpu_threads(None, at_256, 8) == 8 and cpu_threads(3, at_64, 8) == 3

@@ -369,3 +369,22 @@ def test_no_samples_saves_the_adapter_without_sample_images(tmp_path, session_su
     result = run_training(library, create_job(library, tiny_config("bare", steps=2, samples=False), session_subject_images),
                           session_prior_dir)
     assert result.adapter.file.exists() and library.get("bare").samples == []  # bench/speed.py's --no-samples run
+
+
+@pytest.mark.parametrize("asked, expected", [(None, 1), (2, 2)])
+def test_cpu_steps_run_on_one_thread_when_small_unless_asked_and_the_process_gets_its_threads_back(
+        tmp_path, session_subject_images, session_prior_dir, asked, expected):
+    library = Library(tmp_path / "lib")
+    torch.set_num_threads(2)
+    seen = []  # the threads each training step ran on, as reported with its progress
+
+    def on_progress(progress):
+        if progress.phase == "training":
+            seen.append(torch.get_num_threads())
+
+    job_id = create_job(library, tiny_config("threads", steps=3, samples=False, cpu_threads=asked), session_subject_images)
+    run_training(library, job_id, session_prior_dir, on_progress=on_progress)
+    assert seen and set(seen) == {expected}  # tiny-random's step is far under step_cost.ONE_THREAD_BELOW_FLOPS
+    assert torch.get_num_threads() == 2
+    with pytest.raises(UserError, match="--cpu-threads 0"):
+        tiny_config("bad", cpu_threads=0)
