@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="draw noise on the CPU and copy it each step (the old way)")
     speed.add_argument("--loss-every", type=int, help="read the loss every K steps (default 10 on CUDA, 1 on CPU)")
     speed.add_argument("--cpu-threads", type=int, metavar="N",
-                       help="CPU threads for the training steps (default: 1 when a step is under 0.5 GFLOP, where a "
+                       help="CPU threads for the training steps (default: 1 for a small step, e.g. sd15-toy at 64 px, where a "
                             "second thread gains little and stalls whenever another process wants a core; else torch's)")
     speed.add_argument("--class-batch-size", type=int, help="class images per pipeline call (default 8 CPU, 32 CUDA)")
     speed.add_argument("--no-samples", dest="samples", action="store_false",

@@ -69,7 +69,7 @@ class TrainConfig:
     device_noise: bool = True  # noise and timesteps drawn on the training device: no host-to-device copy per step
     loss_every: int | None = None  # read the loss every k steps (default 10 on CUDA, 1 on CPU): reading waits for the GPU
     class_batch_size: int | None = None  # class images per pipeline call: 8 on CPU, 32 on CUDA by default
-    cpu_threads: int | None = None  # threads for CPU training steps; None: 1 for a small step, else torch's (step_cost.py)
+    cpu_threads: int | None = None  # CPU training threads; None: 1 for a small step, else torch's (step_cost.py)
     samples: bool = True  # the adapter's sample images, drawn once it is in the library (--no-samples: none)
     # --- the objective and the meter (README "Quality" has each measured: bench/options.py) ---
     snr_gamma: float = 0.0  # min-SNR-γ weighting (Hang et al. 2023; kohya suggests 5); 0: off

@@ -34,7 +34,7 @@ from .meter import Meter, meter_due
 from .models import BaseModel, load_base_model
 from .paths import atomic_path, prior_root
 from .prior import PriorSettings, ensure_prior_images, load_prior_images
-from .step_cost import cpu_threads, step_flops
+from .step_cost import cpu_threads, step_size
 from .research_types import RESEARCH_TYPES, adalora_orthogonality, attach_adalora, load_trained_state, unet_lora_layers
 
 SAMPLE_COUNT = 4
@@ -166,8 +166,7 @@ def prepare_run(config: TrainConfig, job_dir: Path, prior_dir: Path | None, on_p
         torch.manual_seed(config.seed)  # LoRA's initial A matrices: from the run's seed, not from what ran before
         trainables = attach_trainables(model, config, device, weight_dtype, autocast_dtype)
     on_progress(Progress("preparing", message=prompt_check_message(trainables.separation, config)))
-    rows = config.batch_size * (2 if class_latents is not None else 1)
-    apply_speed_levers(model, trainables, config, device, on_progress, rows, instance_latents[0].shape[-1])
+    apply_speed_levers(model, trainables, config, device, on_progress, instance_latents[0].shape[-1])
     optimizer = make_optimizer(trainables, config, device, on_progress)
     generator = torch.Generator(device if config.device_noise else "cpu").manual_seed(config.seed)
     run = Run(config, model, trainables, optimizer, generator, scheduler,
@@ -199,15 +198,13 @@ def prepare_run(config: TrainConfig, job_dir: Path, prior_dir: Path | None, on_p
 
 
 def apply_speed_levers(model: BaseModel, trainables: "Trainables", config: TrainConfig, device, on_progress,
-                       rows: int, latent_size: int) -> None:
+                       latent_size: int) -> None:
     """The model-side speed and memory levers of the config, all switched here (the CPU threads for the steps
     too: run_training gives the process its thread count back)."""
     if device.type == "cpu":
-        flops = 0.0 if config.cpu_threads else step_flops(dict(model.unet.config), config.rank, latent_size, rows)
-        threads = cpu_threads(config.cpu_threads, flops, torch.get_num_threads())
+        threads = cpu_threads(config.cpu_threads, step_size(model.unet, latent_size), torch.get_num_threads())
         torch.set_num_threads(threads)
-        on_progress(Progress("preparing", message=f"training on {threads} CPU thread(s)" + (
-            "" if config.cpu_threads else f" (a step is {flops / 1e9:.2f} GFLOP; --cpu-threads sets it)")))
+        on_progress(Progress("preparing", message=f"training on {threads} CPU thread(s) (--cpu-threads sets it)"))
     if config.low_memory:
         model.unet.enable_gradient_checkpointing()
         if not trainables.text_encoder_trains and device.type == "cuda":

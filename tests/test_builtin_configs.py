@@ -62,11 +62,15 @@ def test_step_cost_counts_flops_and_gives_small_steps_one_thread():
     from diffusers import UNet2DConditionModel
 
     from dreambooth_lora.builtin_configs import SHAPES
-    from dreambooth_lora.step_cost import ONE_THREAD_BELOW_FLOPS, cpu_threads, step_flops
+    from dreambooth_lora.step_cost import ONE_THREAD_BELOW, cpu_threads, step_flops, step_size
 
     with torch.device("meta"):  # its full config (defaults filled in), without weights
-        toy = dict(UNet2DConditionModel.from_config(SHAPES["builtin:sd15-toy"][0]).config)
-    at_64, at_256 = step_flops(toy, 4, 8, 2), step_flops(toy, 4, 32, 2)
-    assert 0 < at_64 < ONE_THREAD_BELOW_FLOPS < at_256 and at_256 / at_64 > 16  # 16x the pixels, attention more
-    assert step_flops(toy, 4, 8, 4) == pytest.approx(2 * at_64, rel=0.01)
-    assert cpu_threads(None, at_64, 8) == 1 and cpu_threads(None, at_256, 8) == 8 and cpu_threads(3, at_64, 8) == 3
+        toy = UNet2DConditionModel.from_config(SHAPES["builtin:sd15-toy"][0])
+    config = dict(toy.config)
+    at_64, at_256 = step_flops(config, 4, 8, 2), step_flops(config, 4, 32, 2)
+    assert 0 < at_64 and at_256 / at_64 > 16  # 16x the pixels, and attention grows faster
+    assert step_flops(config, 4, 8, 4) == pytest.approx(2 * at_64, rel=0.01)
+    # the thread choice: one thread for the toy at 64 px, torch's count from 128 px, or what was asked
+    assert step_size(toy, 8) < ONE_THREAD_BELOW < step_size(toy, 16)
+    assert cpu_threads(None, step_size(toy, 8), 8) == 1 and cpu_threads(None, step_size(toy, 16), 8) == 8
+    assert cpu_threads(3, step_size(toy, 8), 8) == 3
