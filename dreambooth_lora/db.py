@@ -60,6 +60,11 @@ def database_url(root: Path) -> str:
 
 
 @lru_cache(maxsize=16)
+def same(column, value):
+    """`column = value`, NULL-safe (SQL's `= NULL` is never true): for owners and the runner fields."""
+    return column.is_(None) if value is None else column == value
+
+
 def engine_for(url: str) -> Engine:
     """One engine (connection pool) per database URL in this process, with the tables created."""
     if url.startswith("sqlite"):

@@ -27,6 +27,7 @@ from .adapter_file import check_new_name, free_name
 from .checkpoint import checkpoint_step
 from .config import TrainConfig, uses_tiny_defaults
 from .db import jobs as jobs_table
+from .db import same
 from .errors import UserError
 from .identifier import choose_identifier, identifiers_in_use, rename_in_prompt, tokenizer_with_tokens
 from .images import check_subject_photos, expand_image_paths
@@ -334,7 +335,7 @@ class Jobs:
             with self.engine.begin() as db:
                 changed = db.execute(update(jobs_table).where(
                     jobs_table.c.id == row["id"], jobs_table.c.status == row["status"],
-                    _same(jobs_table.c.heartbeat, row["heartbeat"]), _same(jobs_table.c.runner_pid, row["runner_pid"]),
+                    same(jobs_table.c.heartbeat, row["heartbeat"]), same(jobs_table.c.runner_pid, row["runner_pid"]),
                 ).values(status=str(JobStatus.INTERRUPTED), updated=time.time(),  # the phase stays: where it stopped
                          message=f"its runner stopped ({row['phase']}, step {row['step']}); resume to continue from the last checkpoint")
                 ).rowcount
@@ -625,10 +626,6 @@ def _owned_by(runner: Runner):
     """The job still runs under `runner`: not given up on (interrupted), nor queued again and claimed by another."""
     return and_(jobs_table.c.runner_pid == runner.pid, jobs_table.c.runner_host == runner.host,
                 jobs_table.c.status.in_([str(s) for s in ACTIVE]))
-
-
-def _same(column, value):
-    return column.is_(None) if value is None else column == value
 
 
 def check_own_token(token: str, base_model: str, config_dir: str | None = None) -> None:

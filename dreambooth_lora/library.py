@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from .db import adapters, database_url, engine_for
+from .db import adapters, database_url, engine_for, same
 from .errors import UserError
 from .faults import fault_point
 from .paths import atomic_write_bytes, validate_name
@@ -118,7 +118,7 @@ class Library:
 
     def _mine(self, column):
         """The owner condition of rows this library acts on: NULL-safe equality with its user."""
-        return column.is_(None) if self.user is None else column == self.user
+        return same(column, self.user)
 
     def visible(self, query, owner=adapters.c.owner):
         """`query` restricted to the rows this library's user may see (every row for an admin); `owner` is the
@@ -196,9 +196,8 @@ class Library:
         entry = self.get(name)
         validate_name(new_name, "adapter name")
         meta = dict(entry.meta, name=new_name)
-        owner = adapters.c.owner.is_(None) if entry.owner is None else adapters.c.owner == entry.owner
         with self.engine.begin() as db:
-            if db.execute(select(adapters.c.id).where(adapters.c.name == new_name, owner, adapters.c.id != entry.id)).first():
+            if db.execute(select(adapters.c.id).where(adapters.c.name == new_name, same(adapters.c.owner, entry.owner), adapters.c.id != entry.id)).first():
                 raise UserError(f"An adapter named {new_name!r} already exists.")
             db.execute(update(adapters).where(adapters.c.id == entry.id).values(name=new_name, meta=json.dumps(meta)))
         atomic_write_bytes(entry.folder / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
