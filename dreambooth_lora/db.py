@@ -59,12 +59,12 @@ def database_url(root: Path) -> str:
     return os.environ.get("DBL_DB_URL") or f"sqlite:///{Path(root).resolve() / 'library.db'}"
 
 
-@lru_cache(maxsize=16)
 def same(column, value):
     """`column = value`, NULL-safe (SQL's `= NULL` is never true): for owners and the runner fields."""
     return column.is_(None) if value is None else column == value
 
 
+@lru_cache(maxsize=16)
 def engine_for(url: str) -> Engine:
     """One engine (connection pool) per database URL in this process, with the tables created."""
     if url.startswith("sqlite"):
