@@ -20,7 +20,6 @@ from app import generation as gen
 from app import settings_file, views
 from app.generation import MAX_MIX, ModelCache
 from app.views import PRESETS
-from dreambooth_lora.adapter_file import free_name
 from dreambooth_lora.config import ADAPTER_TYPES, TEXT_ENCODER_MODES
 from dreambooth_lora.errors import UserError
 from dreambooth_lora.history import get_generation, recent_generations, zip_generation
@@ -217,7 +216,7 @@ def train_tab(demo: gr.Blocks, scoped: Scoped, timer: gr.Timer) -> None:
         config = settings_file.read_settings(Path(path))
         values, notes = views.form_values(config)
         if values["name"]:  # the job it came from has most likely saved an adapter under this name
-            values["name"] = free_name(scoped(request), values["name"])
+            values["name"] = scoped(request).free_name(values["name"])
         lines = [f"Settings of **{config.name or config.token}** are in the form: add photos and press Start.", *notes]
         return {**{fields[key]: value for key, value in values.items()}, settings_message: "\n\n".join(lines)}
 

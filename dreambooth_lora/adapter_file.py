@@ -28,7 +28,7 @@ from .errors import UserError
 from .faults import fault_point
 from .identifier import IDENTIFIER_PREFIX, LEGACY_PREFIX, from_file_tensors, to_file_tensors
 from .library import PHOTOS_FOLDER, AdapterEntry, Library
-from .paths import atomic_path, validate_name
+from .paths import atomic_path
 
 COMPONENTS = ("unet", "text_encoder")
 STUDIO_META_KEY = "dreambooth_lora"
@@ -225,22 +225,6 @@ def _strip_prefix(tensors: dict, prefix: str) -> dict:
 
 
 # ----- the library -----
-
-def check_new_name(library: Library, name: str) -> str:
-    """`name` if it is valid and free in the library, else a UserError."""
-    validate_name(name, "adapter name")
-    if library.name_taken(name):
-        raise UserError(f"An adapter named {name!r} already exists; choose another --name.")
-    return name
-
-
-def free_name(library: Library, base: str) -> str:
-    """`base`, or `base-2`, `base-3`, ... : the first name not yet in the library."""
-    name, suffix = base, 2
-    while library.name_taken(name):
-        name, suffix = f"{base}-{suffix}", suffix + 1
-    return name
-
 
 def store_adapter(library: Library, adapter: AdapterFile, samples=(), photos=()) -> AdapterEntry:
     """Write the file, sample images and copies of the training `photos` (paths) into a staging folder and move it

@@ -27,7 +27,6 @@ from .adapter_file import (
     STUDIO_META_KEY,
     AdapterFile,
     alpha_from_config,
-    check_new_name,
     layers_from_tensors,
     rank_from_config,
     pattern_value,
@@ -158,7 +157,7 @@ def import_adapter(library: Library, file: Path, name: str | None, base_model: s
         raise UserError(f"{file}: not a .safetensors file; only .safetensors LoRA files can be imported.")
     if not file.is_file():
         raise UserError(f"{file}: no such file.")
-    name = check_new_name(library, name or file.name.removesuffix(".safetensors"))
+    name = library.check_new_name(name or file.name.removesuffix(".safetensors"))
     tensors, header = read_safetensors(file)
     ours = studio_meta(file, header)
     model = load_base_model(base_model or base_model_for_file(file, header))

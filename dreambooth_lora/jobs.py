@@ -23,17 +23,17 @@ from typing import Callable
 
 from sqlalchemy import and_, delete, func, insert, select, update
 
-from .adapter_file import check_new_name, free_name
-from .checkpoint import checkpoint_step
 from .config import TrainConfig, uses_tiny_defaults
 from .db import jobs as jobs_table
 from .db import same
 from .errors import UserError
-from .identifier import choose_identifier, identifiers_in_use, rename_in_prompt, tokenizer_with_tokens
 from .images import check_subject_photos, expand_image_paths
 from .library import Library, new_id
-from .models import check_base_model, load_tokenizer, native_resolution
 from .paths import atomic_write_bytes
+
+# The model, identifier and checkpoint modules are imported where a job needs them: they pull in torch, diffusers
+# and transformers (about 6 s on this project's 2-core CPU machine), which `jobs list`, `jobs show` and the UI's job
+# table never need.
 
 HEARTBEAT_SECONDS = 10.0
 STALE_SECONDS = 60.0
@@ -247,13 +247,14 @@ class Jobs:
 
         With status RUNNING the calling process is its runner (the CLI's foreground `train`).
         """
+        from .models import check_base_model, native_resolution
         check_base_model(config.base_model, config.config_dir)  # a bad model is refused here, not after queueing
         files = expand_image_paths(image_paths)
         # every file, its size at the training resolution and the count, now, before anything slow happens
         check_subject_photos(files, config.resolution or native_resolution(config.base_model))
         asked = config.token
         config = self.with_free_identifier(config)
-        name = check_new_name(self.library, config.name or default_adapter_name(self.library, config))
+        name = self.library.check_new_name(config.name or default_adapter_name(self.library, config))
         job_id = new_id()
         images = self.folder(job_id) / "images"
         images.mkdir(parents=True)
@@ -276,6 +277,7 @@ class Jobs:
         """`config` with an identifier no adapter in the library and no unfinished job on its base model uses, so
         that subjects can be mixed (identifier.choose_identifier: a frozen embedding's identifier is refused instead).
         When the identifier's embedding trains, an identifier that is a piece of the vocabulary is refused too."""
+        from .identifier import choose_identifier, identifiers_in_use, rename_in_prompt
         # library-wide (subjects of different users share a base model's words); another user's is not named
         users: dict[str, str] = {}
         everyone = self.library.everyone()
@@ -476,6 +478,7 @@ class Jobs:
 
     def resume(self, job_id: str) -> str:
         """Queue an interrupted, cancelled or failed job again for the worker; returns what will happen, in words."""
+        from .checkpoint import checkpoint_step
         job = self.get(job_id)
         if job.status not in RESUMABLE:
             raise UserError(f"Job {job_id} is {job.status}; only interrupted, cancelled or failed jobs can be resumed.")
@@ -513,9 +516,9 @@ class Jobs:
         if not photos:
             raise UserError(f"Job {job_id} has lost its photos ({job.folder / 'images'}); start a new job instead.")
         taken = {j.name for j in self.list()}  # a queued job's name is not in the library yet, but is spoken for
-        name, suffix = free_name(self.library, job.name), 2
+        name, suffix = self.library.free_name(job.name), 2
         while name in taken:
-            name, suffix = free_name(self.library, f"{job.name}-{suffix}"), suffix + 1
+            name, suffix = self.library.free_name(f"{job.name}-{suffix}"), suffix + 1
         return self.create(replace(job.train_config(), name=name), photos)
 
     def delete(self, job_id: str) -> None:
@@ -632,6 +635,8 @@ def check_own_token(token: str, base_model: str, config_dir: str | None = None) 
     """Refuse, with training's own sentence, an identifier the base model's tokenizer already has as a piece of its
     vocabulary (it cannot get a token of its own); reads the tokenizer alone. Nothing is checked when the tokenizer
     cannot be read that cheaply: training checks again."""
+    from .identifier import tokenizer_with_tokens
+    from .models import load_tokenizer
     tokenizer = load_tokenizer(base_model, config_dir)
     if tokenizer is not None:
         tokenizer_with_tokens(tokenizer, [token])
@@ -642,7 +647,7 @@ def create_job(library: Library, config: TrainConfig, image_paths: list, status:
 
 
 def default_adapter_name(library: Library, config: TrainConfig) -> str:
-    return free_name(library, f"{config.token}-{config.class_noun.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M')}")
+    return library.free_name(f"{config.token}-{config.class_noun.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M')}")
 
 
 # ----------------------------------------------------------------- running a job (CLI and worker alike)

@@ -171,6 +171,20 @@ class Library:
         with self.engine.connect() as db:
             return db.execute(select(adapters.c.id).where(adapters.c.name == name, self._mine(adapters.c.owner))).first() is not None
 
+    def check_new_name(self, name: str) -> str:
+        """`name` if it is valid and free in the library, else a UserError."""
+        validate_name(name, "adapter name")
+        if self.name_taken(name):
+            raise UserError(f"An adapter named {name!r} already exists; choose another --name.")
+        return name
+
+    def free_name(self, base: str) -> str:
+        """`base`, or `base-2`, `base-3`, ... : the first name not yet in the library."""
+        name, suffix = base, 2
+        while self.name_taken(name):
+            name, suffix = f"{base}-{suffix}", suffix + 1
+        return name
+
     def list(self) -> list[AdapterEntry]:
         with self.engine.connect() as db:
             rows = db.execute(self.visible(select(adapters)).order_by(adapters.c.created.desc())).mappings().all()

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from .adapter_file import AdapterFile, LayerFactors, check_new_name, read_adapter, store_adapter
+from .adapter_file import AdapterFile, LayerFactors, read_adapter, store_adapter
 from .adapter_types import DoRA, LoRA
 from .errors import UserError
 from .identifier import mix_identifiers
@@ -78,7 +78,7 @@ def mix_adapters(library: Library, specs: list[tuple[str, float]], new_name: str
     options = _merge_options(method, density, majority_sign, seed)
     parts = [(library.get(name), weight if isinstance(weight, tuple) else float(weight)) for name, weight in specs]
     base_model_for(parts, None, "")  # refuses adapters trained on different base models
-    check_new_name(library, new_name)
+    library.check_new_name(new_name)
     adapters = [read_adapter(entry.file) for entry, _ in parts]
     if options and any(type(layer) is not LoRA for a in adapters for layer in a.layers.values()):
         kinds = ", ".join(sorted({a.adapter_type for a in adapters}))

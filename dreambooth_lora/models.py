@@ -20,7 +20,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .config import REAL_SHAPED_BUILTINS
 from .errors import UserError
+from .quiet import quiet_diffusers
 from .tokenizer import build_tokenizer
+
+quiet_diffusers()  # every pipeline is loaded here: no loading bars when a command asked for quiet
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 DEFAULT_REAL_RESOLUTION = 512  # Stable Diffusion 1.x native size

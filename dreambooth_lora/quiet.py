@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 # logger name -> message prefixes to drop. Each is a notice about an optional speed-up we never install.
 NOTICES = {
@@ -38,13 +39,36 @@ def drop_notices() -> None:
             logger.addFilter(_DropNotices(prefixes))
 
 
-def quiet_libraries() -> None:
-    """For commands: never reach for a model hub; no loading bars; library warnings only at error level."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+_asked = False  # quiet_libraries ran in this process
 
-    transformers_logging.disable_progress_bar()
+
+def quiet_libraries() -> None:
+    """For commands: never reach for a model hub; no loading bars; library warnings only at error level.
+
+    Through the libraries' own environment switches, so that a command that never loads a model (`library list`,
+    `jobs list`) does not import diffusers and transformers (3 s on this project's CPU machine) just to quiet them.
+    diffusers' loading bars have no switch: `quiet_diffusers` turns them off where models are loaded (models.py).
+    A setting a person exported stays theirs.
+    """
+    global _asked
+    _asked = True
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                        ("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error")):
+        os.environ.setdefault(name, value)
+    if "transformers" in sys.modules:  # imported before we were asked: its settings were read already
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+    if "diffusers" in sys.modules:
+        quiet_diffusers()
+
+
+def quiet_diffusers() -> None:
+    """diffusers' loading bars and log level, if quiet_libraries was asked for (called once diffusers is imported)."""
+    if not _asked:
+        return
+    from diffusers.utils import logging as diffusers_logging
+
     diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
     diffusers_logging.set_verbosity_error()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .errors import UserError
-from .adapter_file import AdapterFile, LayerFactors, check_new_name, free_name, read_adapter, store_adapter
+from .adapter_file import AdapterFile, LayerFactors, read_adapter, store_adapter
 from .adapter_types import DoRA, LoRA
 from .library import AdapterEntry, Library
 
@@ -110,7 +110,7 @@ def resize_adapter(library: Library, name: str, energy: float | None, rank: int 
     if rank is not None and not 1 <= rank <= most:
         raise UserError(f"--rank {rank}: adapter {entry.name!r} has rank {most}; choose 1 to {most}.")
     target = f"e{energy:g}" if energy is not None else f"r{rank}"
-    new_name = check_new_name(library, new_name) if new_name else free_name(library, f"{entry.name}-{target}")
+    new_name = library.check_new_name(new_name) if new_name else library.free_name(f"{entry.name}-{target}")
     layers, per_layer = {}, {}
     for key, layer in sorted(weights.layers.items()):
         values = layer_singular_values(layer)

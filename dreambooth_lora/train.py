@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .adapter_file import AdapterFile, free_name, store_adapter
+from .adapter_file import AdapterFile, store_adapter
 from .adapter_types import TRAINABLE_MARKERS
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, uses_tiny_defaults
@@ -362,7 +362,7 @@ def finish_run(library: Library, run: Run, job_id: str, on_progress, started: fl
     chosen_entry = None
     if config.keep == "both" and final_tensors is not None:
         run.trainables.load_tensors(meter.tensors_at(chosen))
-        chosen_config = replace(config, name=free_name(library, f"{entry.name}-step{chosen}"))
+        chosen_config = replace(config, name=library.free_name(f"{entry.name}-step{chosen}"))
         chosen_entry = save_adapter(library, run.model, run.trainables, chosen_config, job_id, run.losses,
                                     {"chosen_step": chosen, "weights_step": chosen}, training_seconds, photos)
     run.timings["adapter_saved"] = time.perf_counter() - perf_started

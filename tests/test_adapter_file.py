@@ -14,8 +14,6 @@ from dreambooth_lora.adapter_file import (
     STUDIO_META_KEY,
     AdapterFile,
     LayerFactors,
-    check_new_name,
-    free_name,
     read_adapter,
     store_adapter,
     write_adapter,
@@ -82,9 +80,9 @@ def test_store_adapter_writes_file_meta_and_samples(tmp_path):
 def test_name_helpers(tmp_path):
     library = Library(tmp_path / "data")
     store_adapter(library, sample_adapter())
-    assert free_name(library, "a") == "a-2" and free_name(library, "b") == "b"
-    assert check_new_name(library, "b") == "b"
+    assert library.free_name("a") == "a-2" and library.free_name("b") == "b"
+    assert library.check_new_name("b") == "b"
     with pytest.raises(UserError, match="'a' already exists; choose another --name"):
-        check_new_name(library, "a")
+        library.check_new_name("a")
     with pytest.raises(UserError, match="Invalid adapter name"):
-        check_new_name(library, "../x")
+        library.check_new_name("../x")

@@ -242,3 +242,17 @@ def test_library_refusals(capsys, cli_dirs):
     for bad in ["../x", "a/b", "", " lead", ".hidden"]:
         assert_refused(capsys, ["library", "rename", "one", bad, *cli_dirs], repr(bad))
     assert sorted(e.name for e in Library(cli_dirs[1]).list()) == ["one", "two"]
+
+
+def test_listing_commands_load_no_model_library(tmp_path):
+    """`library list` and `jobs list` read the database only: no torch, diffusers or transformers is imported, so
+    they answer in well under a second rather than after seconds of imports (dreambooth_lora/jobs.py, quiet.py)."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from dreambooth_lora.cli import main; "
+              f"codes = [main(['library', 'list', '--data-root', {str(tmp_path)!r}]), "
+              f"main(['jobs', 'list', '--data-root', {str(tmp_path)!r}])]; "
+              "print(codes, sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[0, 0] []", done.stdout + done.stderr
