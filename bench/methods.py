@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from dreambooth_lora.bench.quality import (
-    Run, Settings, _start_worker, baseline_task, class_images_task, train_and_evaluate,
+    Run, Settings, start_worker, baseline_task, class_images_task, train_and_evaluate,
 )
 
 SUBJECT = "redyellow-ball"
@@ -36,7 +36,7 @@ def run_methods(types, seeds, settings: Settings, workers: int, work: Path, on_r
     from dreambooth_lora.tinyworld import world
 
     started = time.time()
-    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker)
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=start_worker)
     try:
         prior = pool.apply_async(class_images_task, (world.SUBJECTS[SUBJECT].cls, work))
         baseline = pool.apply_async(baseline_task, (SUBJECT, settings.samples))

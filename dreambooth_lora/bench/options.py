@@ -41,6 +41,7 @@ SCREENED = {
     "rank-16": Settings(rank=16),
     "token-lr-2e-3": Settings(token_lr=2e-3),  # the identifier's rate (default 5e-3)
     "token-lr-1e-3": Settings(token_lr=1e-3),
+    "token-lr-1e-2": Settings(token_lr=1e-2),  # the other way: the identifier carries more of the subject
     "lr-5e-4-600": Settings(lr=5e-4, steps=600),
     "lr-5e-4-600+ema-0.98": Settings(lr=5e-4, steps=600, ema_decay=0.98),
     "lr-5e-4-800": Settings(lr=5e-4, steps=800),  # with a constant rate, lr-5e-4-600 continued

@@ -121,19 +121,24 @@ def summarise(results: list[dict]) -> dict:
 # ---------------------------------------------------------------- tasks (each runs in a worker)
 
 
-def evaluate(session, subject: str, cls: str, samples: int) -> dict:
-    """Generate each prompt `samples` times with fixed seeds and read the images back."""
+def evaluate(session, subject: str, cls: str, samples: int, guidance: float | None = None) -> dict:
+    """Generate each prompt `samples` times with fixed seeds (at the product's guidance unless given) and read the
+    images back: per prompt, the share that is the subject, the share on the recontext background, and per image
+    its reading and whether it is the subject."""
     from ..generate import GenerateSettings
     from ..tinyworld import analyser
 
+    scale = {} if guidance is None else {"guidance": guidance}
     out = {}
     for role, prompt in prompts(cls).items():
-        images = session.generate(GenerateSettings(prompt=prompt, num_images=samples, seed=EVAL_SEED))
+        images = session.generate(GenerateSettings(prompt=prompt, num_images=samples, seed=EVAL_SEED, **scale))
         readings = [analyser.analyse(image) for image in images]
+        hits = [analyser.is_subject(image, subject) for image in images]
         out[role] = {
-            "subject": sum(analyser.is_subject(image, subject) for image in images) / samples,
+            "subject": sum(hits) / samples,
             "background": sum(r.background == RECONTEXT_BACKGROUND for r in readings) / samples,
             "readings": readings,
+            "hits": hits,
         }
     return out
 
@@ -179,8 +184,9 @@ def class_images_task(cls: str, work: Path) -> str:
     return cls
 
 
-def train_and_evaluate(run: Run, settings: Settings, work: Path) -> dict:
-    """Train one adapter with the product's defaults (bar the settings' overrides) and score it."""
+def train_run(run: Run, settings: Settings, work: Path, photos: list[Path] | None = None):
+    """Train one adapter with the product's defaults (bar the settings' overrides); (TrainResult, seconds).
+    `photos`: the subject's shipped photos unless given (bench/misses.py leaves one out)."""
     from ..config import TrainConfig
     from ..jobs import create_job
     from ..library import Library
@@ -198,10 +204,18 @@ def train_and_evaluate(run: Run, settings: Settings, work: Path) -> dict:
                          lr_schedule=settings.lr_schedule,
                          meter_every=settings.meter_every, keep="both" if settings.meter_every else "final", **overrides)
     library = Library(work / f"data-{run.name}")  # one library per run: workers never share a database
-    job = create_job(library, config, world.subject_image_paths(run.subject))
+    job = create_job(library, config, photos or world.subject_image_paths(run.subject))
     started = time.time()
     result = run_training(library, job, prior_dir=work / "prior")
-    seconds = time.time() - started
+    return result, time.time() - started
+
+
+def train_and_evaluate(run: Run, settings: Settings, work: Path) -> dict:
+    """Train one adapter with the product's defaults (bar the settings' overrides) and score it."""
+    from ..tinyworld import world
+
+    subject = world.SUBJECTS[run.subject]
+    result, seconds = train_run(run, settings, work)
     row = {**asdict(run), "steps": result.adapter.steps, "train_seconds": round(seconds, 1),
            "adapter_type": result.adapter.adapter_type, "trainable_params": result.adapter.trainable_params,
            "file_bytes": result.adapter.size_bytes,
@@ -230,7 +244,7 @@ def adapter_scores(adapter, subject: str, cls: str, samples: int) -> dict:
             "class_readings": scores["class"]["readings"]}
 
 
-def _start_worker() -> None:
+def start_worker() -> None:
     import torch
 
     from ..quiet import quiet_libraries
@@ -290,7 +304,7 @@ def run_tasks(tasks: list[tuple[Run, Settings]], workers: int = 2, machine: str 
     started = time.time()
     work = Path(work or tempfile.mkdtemp(prefix="dbl-quality-"))
     runs = [run for run, _ in tasks]
-    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker)
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=start_worker)
     try:
         baselines, rows = _run_tasks(pool, tasks, work, on_row)
         pool.close()  # a clean exit: no leaked semaphores, workers end on their own
