@@ -48,7 +48,7 @@ def quiet_libraries() -> None:
     Through the libraries' own environment switches, so that a command that never loads a model (`library list`,
     `jobs list`) does not import diffusers and transformers (3 s on this project's CPU machine) just to quiet them.
     diffusers' loading bars have no switch: `quiet_diffusers` turns them off where models are loaded (models.py).
-    A setting a person exported stays theirs.
+    A setting a person exported stays theirs (for a library this process has not imported yet).
     """
     global _asked
     _asked = True
