@@ -55,7 +55,8 @@ def one_run(subject: str, seed: int, variant: str, leave_out: list[int], guidanc
         scores = evaluate(session, subject, cls, samples, guidance)
         rows.append({"guidance": guidance, "fidelity": scores["instance"]["subject"], "leak": scores["class"]["subject"],
                      "recontext": scores["recontext"]["background"], "recontext_subject": scores["recontext"]["subject"],
-                     "misses": misses_of(scores["instance"])})
+                     "misses": misses_of(scores["instance"]),
+                     "recontext_backgrounds": dict(Counter(r.background for r in scores["recontext"]["readings"]).most_common())})
     return {"subject": subject, "seed": seed, "variant": variant, "photos": [p.name for p in photos],
             "train_seconds": round(seconds, 1), "by_guidance": rows}
 
@@ -89,7 +90,7 @@ def main() -> int:
     # the quality bench's workers (one thread each), so a run here is the bench's run bit for bit
     with multiprocessing.get_context("spawn").Pool(args.workers, initializer=start_worker) as pool:
         # class images first, once per class, so that two workers never write one cache together
-        for job in [pool.apply_async(class_images_task, (cls, Path(work))) for cls in sorted({world.SUBJECTS[s].cls for s, _ in pairs})]:
+        for job in [pool.apply_async(class_images_task, (cls, Path(work), VARIANTS[args.variant].num_class_images)) for cls in sorted({world.SUBJECTS[s].cls for s, _ in pairs})]:
             job.get()
         jobs = [pool.apply_async(one_run, (s, seed, args.variant, args.leave_out, args.guidance, args.samples, work))
                 for s, seed in pairs]
@@ -100,7 +101,8 @@ def main() -> int:
             missed = ", ".join(f"{m['images']}× {m['class']} {m['pattern']} {m['colours']} on {m['background']}" for m in row["misses"])
             print(f"{report['subject']} seed {report['seed']} ({report['variant']}, photos {' '.join(report['photos'])}), "
                   f"guidance {row['guidance']:g}: fidelity {row['fidelity']:.3f}, leak {row['leak']:.3f}, recontext "
-                  f"{row['recontext']:.3f} / subject {row['recontext_subject']:.3f}; misses: {missed or 'none'}", file=table)
+                  f"{row['recontext']:.3f} / subject {row['recontext_subject']:.3f} (backgrounds {row['recontext_backgrounds']}); "
+                  f"misses: {missed or 'none'}", file=table)
         if args.json:
             print(json.dumps(report))
     print(f"{len(reports)} trainings on {args.workers} workers in {time.time() - started:.0f} s", file=table)

@@ -58,6 +58,7 @@ class Settings:
     lr_schedule: str = "constant"
     ema_decay: float | None = None  # None: the product's default
     rank: int | None = None  # None: TrainConfig's rank
+    num_class_images: int | None = None  # None: the product's default for the built-ins
 
 
 def prompts(cls: str) -> dict[str, str]:
@@ -170,8 +171,9 @@ def baseline_task(subject: str, samples: int) -> tuple[str, dict, float]:
     return subject, scores, vae_ceiling(base, subject)
 
 
-def class_images_task(cls: str, work: Path) -> str:
-    """Generate the class's prior images into the shared cache, as a training run of this class would."""
+def class_images_task(cls: str, work: Path, count: int | None = None) -> str:
+    """Generate the class's prior images into the shared cache, as a training run of this class would (`count`
+    of them; None: the product's default). Image i has its own seed, so a larger set extends a smaller one."""
     import torch
 
     from ..config import TrainConfig
@@ -179,7 +181,7 @@ def class_images_task(cls: str, work: Path) -> str:
     from ..train import ensure_class_images
 
     base = load_base_model(MODEL)
-    config = TrainConfig(token=TOKEN, class_noun=cls, base_model=MODEL).resolved(4, True, base.native_resolution)
+    config = TrainConfig(token=TOKEN, class_noun=cls, base_model=MODEL, num_class_images=count).resolved(4, True, base.native_resolution)
     ensure_class_images(base, config, torch.device("cpu"), work / "prior")
     return cls
 
@@ -196,7 +198,7 @@ def train_run(run: Run, settings: Settings, work: Path, photos: list[Path] | Non
     subject = world.SUBJECTS[run.subject]
     overrides = {k: v for k, v in dict(steps=settings.steps, lr=settings.lr, token_lr=settings.token_lr,
                                         batch_size=settings.batch_size, ema_decay=settings.ema_decay,
-                                        rank=settings.rank).items()
+                                        rank=settings.rank, num_class_images=settings.num_class_images).items()
                  if v is not None}
     config = TrainConfig(token=TOKEN, class_noun=subject.cls, base_model=MODEL, name=run.name,
                          prior_weight=run.prior_weight, seed=run.seed, text_encoder=run.text_encoder,
@@ -265,7 +267,9 @@ def _run_tasks(pool, tasks: list[tuple[Run, Settings]], work: Path, on_row) -> t
     classes = sorted({world.SUBJECTS[r.subject].cls for r in runs if r.prior_weight > 0})
     # Class images first (lambda > 0 runs need them), then work that needs nothing; the longer
     # lambda = 1 runs go in as soon as the class images exist.
-    prior_jobs = [pool.apply_async(class_images_task, (cls, work)) for cls in classes]
+    # the largest set any run asks for, made once per class before any run can reach for it
+    count = max((s.num_class_images for _, s in tasks if s.num_class_images), default=None)
+    prior_jobs = [pool.apply_async(class_images_task, (cls, work, count)) for cls in classes]
     baseline_jobs = [pool.apply_async(baseline_task, (s, samples)) for s in subjects]
     run_jobs = [(r, pool.apply_async(train_and_evaluate, (r, s, work))) for r, s in tasks if r.prior_weight == 0]
     for job in prior_jobs:
