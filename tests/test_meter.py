@@ -282,3 +282,5 @@ def test_the_built_ins_average_their_weights_unless_the_meter_keeps_a_point():
     assert config.resolved(4, False, 512).ema_decay == 0  # real models: not measured, off
     kept = TrainConfig(token="sks", class_noun="dog", base_model="builtin:tiny-world", meter_every=50, keep="both")
     assert kept.resolved(4, True, 64).ema_decay == 0
+    # 64 class images let the box lose its stripes at two seeds; the built-ins now draw the real models' 200
+    assert config.resolved(4, True, 64).num_class_images == config.resolved(4, False, 512).num_class_images == 200
