@@ -267,8 +267,11 @@ def _run_tasks(pool, tasks: list[tuple[Run, Settings]], work: Path, on_row) -> t
     classes = sorted({world.SUBJECTS[r.subject].cls for r in runs if r.prior_weight > 0})
     # Class images first (lambda > 0 runs need them), then work that needs nothing; the longer
     # lambda = 1 runs go in as soon as the class images exist.
-    # the largest set any run asks for, made once per class before any run can reach for it
-    count = max((s.num_class_images for _, s in tasks if s.num_class_images), default=None)
+    # the largest set any run asks for (None: the built-ins' default), made once per class before any run can reach
+    # for it, so that no two workers draw the same class images
+    from ..config import defaults_for
+
+    count = max(s.num_class_images or defaults_for(True, 4, 0)["num_class_images"] for _, s in tasks)
     prior_jobs = [pool.apply_async(class_images_task, (cls, work, count)) for cls in classes]
     baseline_jobs = [pool.apply_async(baseline_task, (s, samples)) for s in subjects]
     run_jobs = [(r, pool.apply_async(train_and_evaluate, (r, s, work))) for r, s in tasks if r.prior_weight == 0]
