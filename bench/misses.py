@@ -81,7 +81,7 @@ def main() -> int:
         pairs.append((subject, int(seed)))
     work = args.work or tempfile.mkdtemp(prefix="dbl-misses-")
     started = time.time()
-    from dreambooth_lora.bench.quality import class_images_task, start_worker
+    from dreambooth_lora.bench.quality import Run, start_class_images, start_worker
     from dreambooth_lora.tinyworld import world
 
     unknown = sorted({s for s, _ in pairs} - set(world.SUBJECTS))
@@ -89,8 +89,7 @@ def main() -> int:
         parser.error(f"unknown subject(s) {unknown}; choose from {sorted(world.SUBJECTS)}")
     # the quality bench's workers (one thread each), so a run here is the bench's run bit for bit
     with multiprocessing.get_context("spawn").Pool(args.workers, initializer=start_worker) as pool:
-        # class images first, once per class, so that two workers never write one cache together
-        for job in [pool.apply_async(class_images_task, (cls, Path(work), VARIANTS[args.variant].num_class_images)) for cls in sorted({world.SUBJECTS[s].cls for s, _ in pairs})]:
+        for job in start_class_images(pool, [(Run(s, 1.0, seed, "none"), VARIANTS[args.variant]) for s, seed in pairs], Path(work)):
             job.get()
         jobs = [pool.apply_async(one_run, (s, seed, args.variant, args.leave_out, args.guidance, args.samples, work))
                 for s, seed in pairs]

@@ -258,21 +258,24 @@ def start_worker() -> None:
 # ---------------------------------------------------------------- the whole bench
 
 
-def _run_tasks(pool, tasks: list[tuple[Run, Settings]], work: Path, on_row) -> tuple[dict, list[dict]]:
+def start_class_images(pool, tasks: list[tuple[Run, Settings]], work: Path) -> list:
+    """Start drawing each class's images for the runs with priors: the largest set any run asks for (None: the
+    built-ins' default), once per class, so that no two workers top up one cache. Returns the pending results."""
+    from ..config import defaults_for
     from ..tinyworld import world
 
+    classes = sorted({world.SUBJECTS[run.subject].cls for run, _ in tasks if run.prior_weight > 0})
+    count = max(settings.num_class_images or defaults_for(True, 4, 0)["num_class_images"] for _, settings in tasks)
+    return [pool.apply_async(class_images_task, (cls, work, count)) for cls in classes]
+
+
+def _run_tasks(pool, tasks: list[tuple[Run, Settings]], work: Path, on_row) -> tuple[dict, list[dict]]:
     runs = [run for run, _ in tasks]
     samples = tasks[0][1].samples
     subjects = list(dict.fromkeys(r.subject for r in runs))
-    classes = sorted({world.SUBJECTS[r.subject].cls for r in runs if r.prior_weight > 0})
     # Class images first (lambda > 0 runs need them), then work that needs nothing; the longer
     # lambda = 1 runs go in as soon as the class images exist.
-    # the largest set any run asks for (None: the built-ins' default), made once per class before any run can reach
-    # for it, so that no two workers draw the same class images
-    from ..config import defaults_for
-
-    count = max(s.num_class_images or defaults_for(True, 4, 0)["num_class_images"] for _, s in tasks)
-    prior_jobs = [pool.apply_async(class_images_task, (cls, work, count)) for cls in classes]
+    prior_jobs = start_class_images(pool, tasks, work)
     baseline_jobs = [pool.apply_async(baseline_task, (s, samples)) for s in subjects]
     run_jobs = [(r, pool.apply_async(train_and_evaluate, (r, s, work))) for r, s in tasks if r.prior_weight == 0]
     for job in prior_jobs:
