@@ -32,6 +32,9 @@ def print_table(report: dict, file=sys.stdout) -> None:
         if "error" in run:
             say(f"FAILED {run['subject']} lambda={run['prior_weight']:g} seed={run['seed']} TE {run['text_encoder']}: {run['error']}")
     say(f"VAE ceiling (instance images reconstructed as the subject): {report['vae_ceiling']}")
+    if report.get("base"):  # the base model against itself at other seeds: a diversity figure's noise floor
+        floors = {s: base["class_diversity_floor"] for s, base in report["base"].items()}
+        say(f"diversity TV floor ({report['class_samples']} class images against as many more from the base model): {floors}")
     say(f"{len(report['runs'])} trainings on {report['workers']} workers in {report['seconds']} s ({report['machine']})")
 
 

@@ -28,6 +28,9 @@ from .models import BaseModel, load_base_model
 from .paths import atomic_path
 
 
+MAX_IMAGES = 64  # images one generate call makes
+
+
 @dataclass(frozen=True)
 class GenerateSettings:
     prompt: str
@@ -42,8 +45,8 @@ class GenerateSettings:
     def __post_init__(self):
         if not self.prompt.strip():
             raise UserError("--prompt is empty: say what to draw, e.g. 'a photo of sks dog'.")
-        if not 1 <= self.num_images <= 64:
-            raise UserError(f"--num-images {self.num_images}: must be from 1 to 64.")
+        if not 1 <= self.num_images <= MAX_IMAGES:
+            raise UserError(f"--num-images {self.num_images}: must be from 1 to {MAX_IMAGES}.")
         if not 1 <= self.steps <= 500:
             raise UserError(f"--steps {self.steps}: must be from 1 to 500.")
         if not 0 <= self.guidance <= 50:

@@ -41,6 +41,9 @@ def test_quick_bench_reports_every_metric_and_priors_reduce_leak(tmp_path):
     assert rows[1.0]["subject_fidelity"] > 0.5  # the subject is learned with priors on too
     assert report["vae_ceiling"]["redyellow-ball"] == 1.0
     assert report["base"]["redyellow-ball"]["fidelity"] < 0.2  # the base model alone does not draw it
+    # the base model against itself: not zero (sampling noise), but under what training without priors does
+    assert 0.0 < report["base"]["redyellow-ball"]["class_diversity_floor"] < rows[0.0]["class_diversity_tv"]
+    assert report["class_samples"] == 16 * quality.CLASS_SAMPLES_FACTOR
 
 
 def test_a_failed_run_is_reported_in_its_row_and_left_out_of_the_means():
@@ -173,3 +176,11 @@ def test_fresh_seeds_plan_every_subject_at_both_lambdas_without_the_text_encoder
     assert {(r.subject, r.prior_weight, r.seed) for r in runs} == {
         (s, lam, seed) for s in world.SUBJECTS for lam in (1.0, 0.0) for seed in (2, 3)}
     assert len(runs) == len(world.SUBJECTS) * 4 and {r.text_encoder for r in runs} == {"none"}
+
+
+def test_every_option_row_names_a_valid_adapter():
+    from dreambooth_lora.bench.options import VARIANTS
+    from dreambooth_lora.paths import validate_name
+
+    for variant in VARIANTS:  # a run's name is its adapter's name in the run's library
+        validate_name(quality.Run("redyellow-ball", 1.0, 0, "none", variant).name, "adapter name")

@@ -51,6 +51,11 @@ SCREENED = {
     "lr-7e-4-500+ema-0.97": Settings(lr=7e-4, steps=500, ema_decay=0.97),  # the average's span scaled with the rate
     "class-images-64": Settings(num_class_images=64),  # the built-ins' count before 200: the defaults until 2026-11-28
     "class-images-200": Settings(num_class_images=200),  # the DreamBooth paper's ~200 and the real models' default
+    # with 200 class images: the ring at seed 5 drew "sks ring on a green background" on gray (its UNet LoRA at half
+    # strength put it on green), so rows that lean less on the UNet's LoRA
+    "lr-5e-4+ci-200": Settings(lr=5e-4, num_class_images=200),
+    "lr-7e-4-500+ci-200": Settings(lr=7e-4, steps=500, num_class_images=200),
+    "token-lr-1e-2+ci-200": Settings(token_lr=1e-2, num_class_images=200),
 }
 # Every row but the defaults was measured with 64 class images, the built-ins' count until it became 200 (the
 # class-images-200 row, README "Quality"): the rows keep 64, so that they repeat the README's figures.
