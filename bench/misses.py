@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """What a run's misses look like: train chosen λ = 1 runs on builtin:tiny-world with the product's defaults (or a row
-of bench/options.py), generate the quality bench's prompts (its seeds, 32 images each) at one or more guidance scales,
-and group the images the analyser does not read as the subject by what it read instead (class, pattern, colours,
-background). Behind README "Quality": why the box misses at seeds 2 and 3.
+of bench/options.py), generate the quality bench's prompts (its seeds and counts: 32 images each, 128 of the plain
+class prompt) at one or more guidance scales, and group the images the analyser does not read as the subject by what
+it read instead (class, pattern, colours, background). Behind README "Quality": why the box misses at seeds 2 and 3.
 
     python bench/misses.py --runs bluecyan-box:2 bluecyan-box:3                  # the defaults, guidance 5
     python bench/misses.py --runs bluecyan-box:3 --guidance 2 3 5 7.5            # the same adapter at several scales
@@ -10,6 +10,7 @@ background). Behind README "Quality": why the box misses at seeds 2 and 3.
     python bench/misses.py --runs bluecyan-box:2 --variant token-lr-1e-2 --json  # a row of bench/options.py
 
 Each run trains on its own single-threaded worker process (--workers, default 2), as the quality bench does.
+Give each call a new --work folder (or none): a run's library there keeps its adapter's name taken.
 """
 
 from __future__ import annotations

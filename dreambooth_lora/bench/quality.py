@@ -139,8 +139,8 @@ def generate_many(session, prompt: str, count: int, seed: int, **scale) -> list:
 
 def evaluate(session, subject: str, cls: str, samples: int, guidance: float | None = None) -> dict:
     """Generate each prompt `samples` times (the class prompt CLASS_SAMPLES_FACTOR times as often) with fixed seeds
-    (at the product's guidance unless given) and read the images back: per prompt, the share that is the subject, the share on the recontext background, and per image
-    its reading and whether it is the subject."""
+    (at the product's guidance unless given) and read the images back: per prompt, the share that is the subject,
+    the share on the recontext background, and per image its reading and whether it is the subject."""
     from ..tinyworld import analyser
 
     scale = {} if guidance is None else {"guidance": guidance}
