@@ -8,9 +8,11 @@ it read instead (class, pattern, colours, background). Behind README "Quality": 
     python bench/misses.py --runs bluecyan-box:3 --guidance 2 3 5 7.5            # the same adapter at several scales
     python bench/misses.py --runs bluecyan-box:2 --leave-out 1                   # without the subject's photo 1
     python bench/misses.py --runs bluecyan-box:2 --variant token-lr-1e-2 --json  # a row of bench/options.py
+    python bench/misses.py --runs pinkred-ring:5 --samples 128                   # leak judged on 512 class images
 
 Each run trains on its own single-threaded worker process (--workers, default 2), as the quality bench does.
-Give each call a new --work folder (or none): a run's library there keeps its adapter's name taken.
+Give each call a new --work folder (or none): a run's library there keeps its adapter's name taken, so a run already
+trained in the folder is refused.
 """
 
 from __future__ import annotations
@@ -36,17 +38,16 @@ def misses_of(scores: dict) -> list[dict]:
             for (c, p, colours, b), n in counts.most_common()]
 
 
-def one_run(subject: str, seed: int, variant: str, leave_out: list[int], guidances: list[float], samples: int,
-            work: str) -> dict:
+def one_run(run, variant: str, leave_out: list[int], guidances: list[float], samples: int, work: str) -> dict:
     from dataclasses import replace
 
-    from dreambooth_lora.bench.quality import Run, evaluate, train_run
+    from dreambooth_lora.bench.quality import evaluate, train_run
     from dreambooth_lora.generate import AdapterSession
     from dreambooth_lora.models import load_base_model
     from dreambooth_lora.tinyworld import world
 
+    subject, seed = run.subject, run.seed
     photos = [p for i, p in enumerate(world.subject_image_paths(subject)) if i not in leave_out]
-    run = Run(subject, 1.0, seed, "none", variant + "".join(f"-no{i}" for i in leave_out))
     result, seconds = train_run(run, replace(VARIANTS[variant], samples=samples), Path(work), photos)
     session = AdapterSession(load_base_model(result.adapter.base_model))
     session.apply([(result.adapter, 1.0)], fuse=True)
@@ -88,12 +89,16 @@ def main() -> int:
     unknown = sorted({s for s, _ in pairs} - set(world.SUBJECTS))
     if unknown:
         parser.error(f"unknown subject(s) {unknown}; choose from {sorted(world.SUBJECTS)}")
+    runs = [Run(s, 1.0, seed, "none", args.variant + "".join(f"-no{i}" for i in args.leave_out)) for s, seed in pairs]
+    taken = [run.name for run in runs if (Path(work) / f"data-{run.name}").exists()]
+    if taken:  # its library keeps the adapter's name, so training it again there would fail
+        parser.error(f"--work {work} already holds run(s) {', '.join(taken)}: give each call a new --work folder")
     # the quality bench's workers (one thread each), so a run here is the bench's run bit for bit
     with multiprocessing.get_context("spawn").Pool(args.workers, initializer=start_worker) as pool:
-        for job in start_class_images(pool, [(Run(s, 1.0, seed, "none"), VARIANTS[args.variant]) for s, seed in pairs], Path(work)):
+        for job in start_class_images(pool, [(run, VARIANTS[args.variant]) for run in runs], Path(work)):
             job.get()
-        jobs = [pool.apply_async(one_run, (s, seed, args.variant, args.leave_out, args.guidance, args.samples, work))
-                for s, seed in pairs]
+        jobs = [pool.apply_async(one_run, (run, args.variant, args.leave_out, args.guidance, args.samples, work))
+                for run in runs]
         reports = [job.get() for job in jobs]
     table = sys.stderr if args.json else sys.stdout
     for report in reports:

@@ -184,3 +184,15 @@ def test_every_option_row_names_a_valid_adapter():
 
     for variant in VARIANTS:  # a run's name is its adapter's name in the run's library
         validate_name(quality.Run("redyellow-ball", 1.0, 0, "none", variant).name, "adapter name")
+
+
+def test_misses_script_refuses_a_work_folder_that_already_holds_the_run(monkeypatch, capsys, tmp_path):
+    import sys
+
+    misses = load_script("misses")
+    (tmp_path / f"data-{quality.Run('bluecyan-box', 1.0, 2, 'none', 'defaults').name}").mkdir()
+    monkeypatch.setattr(sys, "argv", ["misses.py", "--runs", "bluecyan-box:2", "--work", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:  # before any worker starts: nothing is trained
+        misses.main()
+    assert exit_info.value.code == 2
+    assert "already holds run(s)" in capsys.readouterr().err
