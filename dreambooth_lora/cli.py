@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="draw no sample images after the adapter is saved (they cost a run about 2 s on CPU)")
     t.add_argument("--timings", action="store_true", help="add per-phase timings to the JSON result (bench/speed.py)")
     quality = t.add_argument_group("objective and meter (README \"Quality\")")
+    quality.add_argument("--prior-batch-size", type=int, metavar="N",
+                         help="class images per step with priors (default: as many as --batch-size); each part of the "
+                              "loss is a mean of its own, so more class images sample the class better at the same weight")
     quality.add_argument("--snr-gamma", type=float, default=0.0, metavar="GAMMA",
                          help="min-SNR-γ loss weighting, weight min(SNR, γ)/SNR (Hang et al. 2023; 5 is usual; default 0: off)")
     quality.add_argument("--noise-offset", type=float, default=0.0, metavar="X",
@@ -294,7 +297,7 @@ def cmd_train(args) -> int:
             name=args.name, steps=args.steps, rank=args.rank, alpha=args.alpha, prior_weight=args.prior_weight,
             num_class_images=args.num_class_images, lr=args.lr, resolution=args.resolution,
             text_encoder=args.text_encoder, adapter_type=args.adapter_type, qr_energy=args.qr_energy, loraplus_ratio=args.loraplus_ratio, seed=args.seed,
-            train_token_embedding=args.train_token_embedding, batch_size=args.batch_size,
+            train_token_embedding=args.train_token_embedding, batch_size=args.batch_size, prior_batch_size=args.prior_batch_size,
             checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds, device=args.device,
             mixed_precision=args.mixed_precision, config_dir=args.config_dir, low_memory=args.low_memory,
             channels_last=args.channels_last, compile=args.compile, fused_adam=args.fused_adam,

@@ -49,7 +49,8 @@ class TrainConfig:
     seed: int = 0
     train_token_embedding: bool | None = None  # pivotal tuning; default on for built-ins
     token_lr: float = 5e-3  # textual-inversion style rate, the one that worked on the tiny world
-    batch_size: int | None = None  # instance images per step (class images: as many)
+    batch_size: int | None = None  # instance images per step (class images: as many, unless prior_batch_size)
+    prior_batch_size: int | None = None  # class images per step with priors; None: as many as batch_size
     checkpoint_every: int = 100  # steps between checkpoints (0: by time only); a crash loses at most this many
     checkpoint_seconds: float = 120.0  # ... or this many seconds, whichever comes first (0: by steps only)
     device: str = "auto"
@@ -100,6 +101,7 @@ class TrainConfig:
         _check_range("--num-class-images", self.num_class_images, 0, 10_000)
         _check_range("--resolution", self.resolution, 8, 2048)
         _check_range("--batch-size", self.batch_size, 1, 64)
+        _check_range("--prior-batch-size", self.prior_batch_size, 1, 64)
         _check_range("--cpu-threads", self.cpu_threads, 1, 1024)
         _check_range("--checkpoint-every", self.checkpoint_every, 0, 100_000)
         if not 0 <= self.checkpoint_seconds <= 86_400:

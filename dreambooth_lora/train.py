@@ -220,7 +220,8 @@ def apply_speed_levers(model: BaseModel, trainables: "Trainables", config: Train
 def training_step(run: Run) -> torch.Tensor:
     """One DreamBooth step: instance and class examples in the same forward pass; returns the loss, unread."""
     model, generator, scheduler = run.model, run.generator, run.scheduler
-    latents, n_instance = sample_latents(run.instance_latents, run.class_latents, run.config.batch_size, generator)
+    latents, n_instance = sample_latents(run.instance_latents, run.class_latents, run.config.batch_size, generator,
+                                         run.config.prior_batch_size)
     latents = latents.to(run.device) * model.vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(run.device)
     if run.config.noise_offset:  # drawn only when on, so runs without it keep their random stream
@@ -454,12 +455,15 @@ def image_to_tensor(image) -> torch.Tensor:
     return array.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def sample_latents(instance, prior, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
-    """Draw `batch` instance latents and, with priors, `batch` class latents; instance rows first."""
-    parts = [instance] + ([prior] if prior is not None else [])
+def sample_latents(instance, prior, batch: int, generator: torch.Generator,
+                   prior_batch: int | None = None) -> tuple[torch.Tensor, int]:
+    """Draw `batch` instance latents and, with priors, `prior_batch` class latents (default `batch`); instance rows
+    first. The loss averages each part on its own (losses.prior_preservation_loss), so more class rows weigh the
+    prior no more: they sample the class more densely at each step."""
+    parts = [(instance, batch)] + ([(prior, prior_batch or batch)] if prior is not None else [])
     drawn = []
-    for mean, std in parts:
-        index = torch.randint(0, mean.shape[0], (batch,), generator=generator, device=generator.device).to(mean.device)
+    for (mean, std), rows in parts:
+        index = torch.randint(0, mean.shape[0], (rows,), generator=generator, device=generator.device).to(mean.device)
         noise = torch.randn(mean[index].shape, generator=generator, device=generator.device).to(mean.device)
         drawn.append(mean[index] + std[index] * noise)
     return torch.cat(drawn), batch
@@ -653,7 +657,7 @@ def save_adapter(library: Library, model: BaseModel, trainables: Trainables, con
         "adapter_type": config.adapter_type,
         "resolution": config.resolution, "lr": config.lr, "loraplus_ratio": config.loraplus_ratio,
         "seed": config.seed, "job": job_id, "final_loss": losses[-1] if losses else None,
-        "batch_size": config.batch_size, "num_images": len(photos) or None,
+        "batch_size": config.batch_size, "prior_batch_size": config.prior_batch_size, "num_images": len(photos) or None,
         "training_seconds": round(training_seconds, 1) if training_seconds is not None else None,
         "sample_prompts": list(config.prompts_to_sample),
         "prompt_similarity": round(trainables.separation, 4), "studio_version": __version__,

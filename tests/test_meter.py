@@ -1,5 +1,5 @@
-"""The meter (fixed probes, the choosing rule, checkpoints per point, --keep), min-SNR-γ and noise offset in a run,
-and their flags: every bad value answered with status 2 and one sentence."""
+"""The meter (fixed probes, the choosing rule, checkpoints per point, --keep), min-SNR-γ, noise offset and more class
+rows per step in a run, and their flags: every bad value answered with status 2 and one sentence."""
 
 from __future__ import annotations
 
@@ -212,6 +212,15 @@ def test_min_snr_and_noise_offset_change_the_training(tmp_path, session_subject_
     assert changed.adapter.meta[key] == value and plain.adapter.meta[key] == 0.0
 
 
+def test_more_class_rows_per_step_change_the_training(tmp_path, session_subject_images, session_prior_dir):
+    plain = train(Library(tmp_path / "plain"), tiny_config("plain", steps=3), session_subject_images, session_prior_dir)
+    more = train(Library(tmp_path / "more"), tiny_config("more", steps=3, prior_batch_size=3), session_subject_images,
+                 session_prior_dir)
+    assert more.losses != plain.losses
+    assert not same_tensors(adapter_tensors(more.adapter), adapter_tensors(plain.adapter))
+    assert more.adapter.meta["prior_batch_size"] == 3 and plain.adapter.meta["prior_batch_size"] is None
+
+
 def test_min_snr_loss_is_the_weighted_mse_of_the_step(monkeypatch, tmp_path, session_subject_images, session_prior_dir):
     """With gamma above every SNR of the sampled steps the weights are 1: the loss is the plain one."""
     plain = train(Library(tmp_path / "plain"), tiny_config("plain", steps=2), session_subject_images, session_prior_dir)
@@ -237,6 +246,7 @@ def run_cli(capsys, *argv):
     (["--keep", "best"], "needs --meter-every"),
     (["--keep", "both", "--meter-every", "0"], "needs --meter-every"),
     (["--ema-decay", "1"], "--ema-decay 1.0"),
+    (["--prior-batch-size", "0"], "--prior-batch-size 0"),
     (["--ema-decay", "0.9", "--meter-every", "2", "--keep", "both"], "use --ema-decay 0 with --keep best or both"),
 ])
 def test_bad_option_values_are_one_line_and_status_2(capsys, tmp_path, subject_images, extra, named):
@@ -249,7 +259,7 @@ def test_every_new_option_is_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--snr-gamma", "--noise-offset", "--meter-every", "--keep", "--ema-decay"):
+    for flag in ("--snr-gamma", "--noise-offset", "--meter-every", "--keep", "--ema-decay", "--prior-batch-size"):
         assert flag in text
 
 

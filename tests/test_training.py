@@ -388,3 +388,16 @@ def test_cpu_steps_run_on_one_thread_when_small_unless_asked_and_the_process_get
     assert torch.get_num_threads() == 2
     with pytest.raises(UserError, match="--cpu-threads 0"):
         tiny_config("bad", cpu_threads=0)
+
+
+def test_a_step_draws_batch_instance_rows_then_prior_batch_class_rows():
+    generator = torch.Generator().manual_seed(0)
+    instance = (torch.zeros(3, 4, 2, 2), torch.zeros(3, 4, 2, 2))  # mean, std: every instance row 0
+    prior = (torch.ones(5, 4, 2, 2), torch.zeros(5, 4, 2, 2))  # every class row 1
+    latents, n_instance = train.sample_latents(instance, prior, 2, generator)
+    assert n_instance == 2 and latents.shape[0] == 4  # as many class rows as instance rows by default
+    latents, n_instance = train.sample_latents(instance, prior, 2, generator, prior_batch=6)
+    assert n_instance == 2 and latents.shape[0] == 8
+    assert latents[:2].eq(0).all() and latents[2:].eq(1).all()  # instance rows first
+    latents, n_instance = train.sample_latents(instance, None, 2, generator, prior_batch=6)
+    assert n_instance == 2 and latents.shape[0] == 2  # without priors there are no class rows
