@@ -83,14 +83,14 @@ def main() -> int:
         pairs.append((subject, int(seed)))
     work = args.work or tempfile.mkdtemp(prefix="dbl-misses-")
     started = time.time()
-    from dreambooth_lora.bench.quality import Run, start_class_images, start_worker
+    from dreambooth_lora.bench.quality import Run, run_library, start_class_images, start_worker
     from dreambooth_lora.tinyworld import world
 
     unknown = sorted({s for s, _ in pairs} - set(world.SUBJECTS))
     if unknown:
         parser.error(f"unknown subject(s) {unknown}; choose from {sorted(world.SUBJECTS)}")
     runs = [Run(s, 1.0, seed, "none", args.variant + "".join(f"-no{i}" for i in args.leave_out)) for s, seed in pairs]
-    taken = [run.name for run in runs if (Path(work) / f"data-{run.name}").exists()]
+    taken = [run.name for run in runs if run_library(work, run).exists()]
     if taken:  # its library keeps the adapter's name, so training it again there would fail
         parser.error(f"--work {work} already holds run(s) {', '.join(taken)}: give each call a new --work folder")
     # the quality bench's workers (one thread each), so a run here is the bench's run bit for bit

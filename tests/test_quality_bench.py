@@ -190,7 +190,7 @@ def test_misses_script_refuses_a_work_folder_that_already_holds_the_run(monkeypa
     import sys
 
     misses = load_script("misses")
-    (tmp_path / f"data-{quality.Run('bluecyan-box', 1.0, 2, 'none', 'defaults').name}").mkdir()
+    quality.run_library(tmp_path, quality.Run("bluecyan-box", 1.0, 2, "none", "defaults")).mkdir()
     monkeypatch.setattr(sys, "argv", ["misses.py", "--runs", "bluecyan-box:2", "--work", str(tmp_path)])
     with pytest.raises(SystemExit) as exit_info:  # before any worker starts: nothing is trained
         misses.main()

@@ -207,6 +207,12 @@ def class_images_task(cls: str, work: Path, count: int | None = None) -> str:
     return cls
 
 
+def run_library(work: Path, run: Run) -> Path:
+    """The folder of a run's own library: one per run, so workers never share a database (and a run's adapter name
+    is taken there once it has trained)."""
+    return Path(work) / f"data-{run.name}"
+
+
 def train_run(run: Run, settings: Settings, work: Path, photos: list[Path] | None = None):
     """Train one adapter with the product's defaults (bar the settings' overrides); (TrainResult, seconds).
     `photos`: the subject's shipped photos unless given (bench/misses.py leaves one out)."""
@@ -227,7 +233,7 @@ def train_run(run: Run, settings: Settings, work: Path, photos: list[Path] | Non
                          snr_gamma=settings.snr_gamma, noise_offset=settings.noise_offset, adapter_type=settings.adapter_type,
                          lr_schedule=settings.lr_schedule,
                          meter_every=settings.meter_every, keep="both" if settings.meter_every else "final", **overrides)
-    library = Library(work / f"data-{run.name}")  # one library per run: workers never share a database
+    library = Library(run_library(work, run))
     job = create_job(library, config, photos or world.subject_image_paths(run.subject))
     started = time.time()
     result = run_training(library, job, prior_dir=work / "prior")
