@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--prior-batch-size", type=int, metavar="N",
                          help="class images per step with priors (default: as many as --batch-size); each part of the "
                               "loss is a mean of its own, so more class images sample the class better at the same weight")
+    quality.add_argument("--prior-target", default=None, metavar="{noise,frozen}",
+                         help="what the class images' predictions are trained towards: the drawn noise (DreamBooth's, "
+                              "the default) or the frozen base model's prediction on the same noisy image (the same "
+                              "pull without the noise's variance; one more forward pass of the class rows a step)")
     quality.add_argument("--snr-gamma", type=float, default=0.0, metavar="GAMMA",
                          help="min-SNR-γ loss weighting, weight min(SNR, γ)/SNR (Hang et al. 2023; 5 is usual; default 0: off)")
     quality.add_argument("--noise-offset", type=float, default=0.0, metavar="X",
@@ -298,6 +302,7 @@ def cmd_train(args) -> int:
             num_class_images=args.num_class_images, lr=args.lr, resolution=args.resolution,
             text_encoder=args.text_encoder, adapter_type=args.adapter_type, qr_energy=args.qr_energy, loraplus_ratio=args.loraplus_ratio, seed=args.seed,
             train_token_embedding=args.train_token_embedding, batch_size=args.batch_size, prior_batch_size=args.prior_batch_size,
+            prior_target=args.prior_target,
             checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds, device=args.device,
             mixed_precision=args.mixed_precision, config_dir=args.config_dir, low_memory=args.low_memory,
             channels_last=args.channels_last, compile=args.compile, fused_adam=args.fused_adam,

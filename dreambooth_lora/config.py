@@ -14,6 +14,7 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine")
 KEEP_CHOICES = ("final", "best", "both")
+PRIOR_TARGETS = ("noise", "frozen")  # what the class rows' predictions are pulled to (losses.py, train.training_step)
 STEPS_PER_IMAGE_REAL = 150  # DreamBooth/LoRA practice: 800-1500 steps for 5 images at 512 px
 CLASS_IMAGES_REAL = 200  # DreamBooth paper's N for prior preservation
 # Built-ins with SD 1.5's layout (dreambooth_lora/builtin_configs.py): stand-ins for real models in speed work,
@@ -51,6 +52,9 @@ class TrainConfig:
     token_lr: float = 5e-3  # textual-inversion style rate, the one that worked on the tiny world
     batch_size: int | None = None  # instance images per step (class images: as many, unless prior_batch_size)
     prior_batch_size: int | None = None  # class images per step with priors; None: as many as batch_size
+    # the class rows' target: the drawn noise (DreamBooth's) or the frozen base model's prediction on the same noisy
+    # class latent (the same pull in expectation, without the noise's variance; docs/DESIGN.md); None: the default
+    prior_target: str | None = None
     checkpoint_every: int = 100  # steps between checkpoints (0: by time only); a crash loses at most this many
     checkpoint_seconds: float = 120.0  # ... or this many seconds, whichever comes first (0: by steps only)
     device: str = "auto"
@@ -146,6 +150,8 @@ class TrainConfig:
             raise UserError(f"--keep {self.keep}: the meter's points are the trained weights, not their average; "
                             "use --ema-decay 0 with --keep best or both.")
         _check_range("--meter-every", self.meter_every, 0, 100_000)
+        if self.prior_target is not None and self.prior_target not in PRIOR_TARGETS:
+            raise UserError(f"--prior-target {self.prior_target!r}: choose one of {', '.join(PRIOR_TARGETS)}.")
         if self.keep not in KEEP_CHOICES:
             raise UserError(f"--keep {self.keep!r}: choose one of {', '.join(KEEP_CHOICES)}.")
         if self.keep != "final" and not self.meter_every:
@@ -188,7 +194,7 @@ def defaults_for(is_builtin: bool, num_images: int, native_resolution: int) -> d
         # (0.781, 0.688) and the ball leaked at seed 3 (0.062); with 200 all twelve runs at seeds 0-3 reached
         # 0.875-1.0 with leak <= 0.031 on 32 class images (README "Quality", "200 class images"; on 128, <= 0.039).
         return dict(steps=400, lr=1e-3, num_class_images=200, resolution=native_resolution, train_token_embedding=True, batch_size=2,
-                    ema_decay=0.95)
+                    ema_decay=0.95, prior_target="noise")
     return dict(
         steps=STEPS_PER_IMAGE_REAL * num_images,
         lr=1e-4,
@@ -197,6 +203,7 @@ def defaults_for(is_builtin: bool, num_images: int, native_resolution: int) -> d
         train_token_embedding=False,
         batch_size=1,
         ema_decay=0.0,
+        prior_target="noise",
     )
 
 

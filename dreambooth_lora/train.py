@@ -27,6 +27,7 @@ from .lora import (
     attach_unet_lora,
     ADAPTER_NAME,
     UNET_TARGETS,
+    adapters_disabled,
     collect_adapter_tensors,
     lora_parameters,
 )
@@ -232,9 +233,12 @@ def training_step(run: Run) -> torch.Tensor:
     if run.config.channels_last:
         noisy = noisy.contiguous(memory_format=torch.channels_last)
     hidden = run.trainables.prompt_embeddings(n_instance, latents.shape[0] - n_instance)
+    frozen = frozen_class_predictions(run, noisy, timesteps, hidden, n_instance) if run.config.prior_target == "frozen" else None
     with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
         prediction = model.unet(noisy.to(run.weight_dtype), timesteps, hidden.to(run.weight_dtype)).sample
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    if frozen is not None:
+        target = torch.cat([target[:n_instance], frozen.to(target.dtype)])
     weights = None
     if run.config.snr_gamma:
         from diffusers.training_utils import compute_snr
@@ -260,6 +264,26 @@ def training_step(run: Run) -> torch.Tensor:
         with torch.no_grad():
             torch._foreach_lerp_(run.ema, run.trainables.parameters, ema_rate(run.config.ema_decay, run.step + 1))
     return loss.detach()
+
+
+def frozen_class_predictions(run: Run, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
+                             n_instance: int) -> torch.Tensor | None:
+    """The frozen base model's predictions for the batch's class rows (every adapter off, no gradient): the class
+    rows' target with --prior-target frozen; None when the batch has no class rows.
+
+    The noise target pulls the class rows towards E[noise | noisy latent], which the base model's prediction
+    estimates (the class images are its own); this target is that estimate itself, without the drawn noise's variance.
+    With a frozen text encoder the class rows' states are already the base model's (an identifier touches only its
+    own word, and the class prompt has none); with an encoder LoRA they are encoded again with it off."""
+    if noisy.shape[0] == n_instance:
+        return None
+    model = run.model
+    with torch.no_grad(), adapters_disabled(model.unet, model.text_encoder):
+        states = hidden[n_instance:] if run.config.text_encoder == "none" else \
+            run.trainables.prompt_embeddings(0, noisy.shape[0] - n_instance)
+        with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
+            return model.unet(noisy[n_instance:].to(run.weight_dtype), timesteps[n_instance:],
+                              states.detach().to(run.weight_dtype)).sample
 
 
 def train_steps(run: Run, job_dir: Path, on_progress, should_stop, sample_every: int, perf_started: float,
@@ -657,7 +681,8 @@ def save_adapter(library: Library, model: BaseModel, trainables: Trainables, con
         "adapter_type": config.adapter_type,
         "resolution": config.resolution, "lr": config.lr, "loraplus_ratio": config.loraplus_ratio,
         "seed": config.seed, "job": job_id, "final_loss": losses[-1] if losses else None,
-        "batch_size": config.batch_size, "prior_batch_size": config.prior_batch_size, "num_images": len(photos) or None,
+        "batch_size": config.batch_size, "prior_batch_size": config.prior_batch_size,
+        "prior_target": config.prior_target, "num_images": len(photos) or None,
         "training_seconds": round(training_seconds, 1) if training_seconds is not None else None,
         "sample_prompts": list(config.prompts_to_sample),
         "prompt_similarity": round(trainables.separation, 4), "studio_version": __version__,

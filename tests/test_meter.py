@@ -1,9 +1,11 @@
-"""The meter (fixed probes, the choosing rule, checkpoints per point, --keep), min-SNR-γ, noise offset and more class
-rows per step in a run, and their flags: every bad value answered with status 2 and one sentence."""
+"""The meter (fixed probes, the choosing rule, checkpoints per point, --keep), min-SNR-γ, noise offset, more class
+rows per step and the frozen prior target in a run, and their flags: every bad value answered with status 2 and
+one sentence."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from dreambooth_lora.library import Library
 from dreambooth_lora.identifier import IdentifierEmbedding
 from dreambooth_lora.lora import adapters_disabled, attach_text_encoder_lora, attach_unet_lora
 from dreambooth_lora.meter import MeterPoint, choose_step
-from dreambooth_lora.train import TrainingStopped, run_training
+from dreambooth_lora.train import Trainables, TrainingStopped, frozen_class_predictions, run_training
 
 RESOLUTION = 32
 
@@ -117,6 +119,37 @@ def test_with_adapters_disabled_the_model_is_the_base_and_afterwards_the_adapted
     again_text, again_unet = outputs()
     assert torch.equal(again_text, adapted_text) and torch.equal(again_unet, adapted_unet)
     assert all(p.requires_grad for n, p in model.unet.named_parameters() if "lora_" in n)  # still trainable
+
+
+@pytest.mark.parametrize("text_encoder", ["none", "lora"])
+def test_frozen_target_is_the_base_models_prediction_for_the_class_rows(tiny_random_builder, text_encoder):
+    """--prior-target frozen: the class rows' target is the base model's prediction (every adapter off, the encoder's
+    too), and the adapters are on again afterwards."""
+    model = tiny_random_builder()
+    config = TrainConfig(token="sks", class_noun="dog", base_model="builtin:tiny-random", text_encoder=text_encoder,
+                         prior_target="frozen").resolved(3, True, RESOLUTION)
+    trainables = Trainables(model, config, torch.device("cpu"), None, identifier=None)
+    noisy, timesteps = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 500, 900])
+
+    def unet(states):
+        with torch.no_grad():
+            return model.unet(noisy[1:], timesteps[1:], states[1:]).sample
+
+    base = unet(trainables.prompt_embeddings(1, 2))
+    attach_unet_lora(model.unet, rank=4, alpha=4.0)
+    if text_encoder == "lora":
+        attach_text_encoder_lora(model.text_encoder, rank=4, alpha=4.0)
+    with torch.no_grad():
+        for layer in (m for module in (model.unet, model.text_encoder) for m in module.modules() if isinstance(m, LoraLayer)):
+            layer.lora_B["default"].weight.fill_(0.05)
+    hidden = trainables.prompt_embeddings(1, 2)  # the adapted encoder's states when it has a LoRA
+    adapted = unet(hidden)
+    run = SimpleNamespace(model=model, config=config, trainables=trainables, device=torch.device("cpu"),
+                          autocast_dtype=None, weight_dtype=torch.float32)
+    frozen = frozen_class_predictions(run, noisy, timesteps, hidden, n_instance=1)
+    assert not torch.allclose(adapted, base) and torch.allclose(frozen, base, atol=1e-6)
+    assert torch.equal(unet(hidden), adapted)  # the adapters are on again
+    assert frozen_class_predictions(run, noisy[:1], timesteps[:1], hidden[:1], n_instance=1) is None  # no class rows
 
 
 # ----- in a run -----
@@ -221,6 +254,23 @@ def test_more_class_rows_per_step_change_the_training(tmp_path, session_subject_
     assert more.adapter.meta["prior_batch_size"] == 3 and plain.adapter.meta["prior_batch_size"] is None
 
 
+def test_with_the_frozen_target_the_first_step_has_no_prior_loss_at_any_weight(tmp_path, session_subject_images,
+                                                                               session_prior_dir):
+    """At the first step the UNet LoRA is zero (B starts at 0), so the adapted class predictions are the frozen ones:
+    with the frozen target the class part of the loss is 0 whatever lambda is; with the noise target it is not."""
+    def first_loss(name, **option):
+        result = train(Library(tmp_path / name), tiny_config(name, steps=1, **option), session_subject_images,
+                       session_prior_dir)
+        return result.losses[0], result.adapter
+
+    frozen_1, adapter = first_loss("frozen-1", prior_target="frozen")
+    frozen_50, _ = first_loss("frozen-50", prior_target="frozen", prior_weight=50.0)
+    noise_1, plain = first_loss("noise-1")
+    noise_50, _ = first_loss("noise-50", prior_weight=50.0)
+    assert frozen_1 == pytest.approx(frozen_50, rel=1e-6) and noise_50 > 2 * noise_1
+    assert adapter.meta["prior_target"] == "frozen" and plain.meta["prior_target"] == "noise"
+
+
 def test_min_snr_loss_is_the_weighted_mse_of_the_step(monkeypatch, tmp_path, session_subject_images, session_prior_dir):
     """With gamma above every SNR of the sampled steps the weights are 1: the loss is the plain one."""
     plain = train(Library(tmp_path / "plain"), tiny_config("plain", steps=2), session_subject_images, session_prior_dir)
@@ -247,6 +297,7 @@ def run_cli(capsys, *argv):
     (["--keep", "both", "--meter-every", "0"], "needs --meter-every"),
     (["--ema-decay", "1"], "--ema-decay 1.0"),
     (["--prior-batch-size", "0"], "--prior-batch-size 0"),
+    (["--prior-target", "teacher"], "--prior-target 'teacher'"),
     (["--ema-decay", "0.9", "--meter-every", "2", "--keep", "both"], "use --ema-decay 0 with --keep best or both"),
 ])
 def test_bad_option_values_are_one_line_and_status_2(capsys, tmp_path, subject_images, extra, named):
@@ -259,7 +310,8 @@ def test_every_new_option_is_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--snr-gamma", "--noise-offset", "--meter-every", "--keep", "--ema-decay", "--prior-batch-size"):
+    for flag in ("--snr-gamma", "--noise-offset", "--meter-every", "--keep", "--ema-decay", "--prior-batch-size",
+                 "--prior-target"):
         assert flag in text
 
 

@@ -66,6 +66,13 @@ SCREENED = {
     # the ring's leak is a class-wide shift of its pattern: more class images per step (2 + 4, 2 + 6) at the same lambda
     "prior-batch-4+ci-200": Settings(prior_batch_size=4, num_class_images=200),
     "prior-batch-6+ci-200": Settings(prior_batch_size=6, num_class_images=200),
+    # ... or the class rows trained towards the frozen model's own prediction rather than the drawn noise
+    "prior-frozen+ci-200": Settings(prior_target="frozen", num_class_images=200),
+    "prior-frozen+prior-batch-4+ci-200": Settings(prior_target="frozen", prior_batch_size=4, num_class_images=200),
+    # the frozen target held every leak at or under 0.025 but lost the ring's recontext: rows that lean less on the UNet
+    "prior-frozen+prior-batch-4+ema-0.98+ci-200": Settings(prior_target="frozen", prior_batch_size=4, ema_decay=0.98,
+                                                           num_class_images=200),
+    "prior-frozen+lr-5e-4+ci-200": Settings(prior_target="frozen", lr=5e-4, num_class_images=200),
 }
 # Every row but the defaults was measured with 64 class images, the built-ins' count until it became 200 (the
 # class-images-200 row, README "Quality"): the rows keep 64, so that they repeat the README's figures.
