@@ -14,7 +14,7 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine")
 KEEP_CHOICES = ("final", "best", "both")
-PRIOR_TARGETS = ("noise", "frozen")  # what the class rows' predictions are pulled to (losses.py, train.training_step)
+PRIOR_TARGETS = ("noise", "frozen")  # what the class rows' predictions are pulled to (train.frozen_class_predictions)
 STEPS_PER_IMAGE_REAL = 150  # DreamBooth/LoRA practice: 800-1500 steps for 5 images at 512 px
 CLASS_IMAGES_REAL = 200  # DreamBooth paper's N for prior preservation
 # Built-ins with SD 1.5's layout (dreambooth_lora/builtin_configs.py): stand-ins for real models in speed work,
