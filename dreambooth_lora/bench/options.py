@@ -69,11 +69,11 @@ SCREENED = {
     # ... or the class rows trained towards the frozen model's own prediction rather than the drawn noise
     "prior-frozen+ci-200": Settings(prior_target="frozen", num_class_images=200),
     "prior-frozen+prior-batch-4+ci-200": Settings(prior_target="frozen", prior_batch_size=4, num_class_images=200),
-    # the frozen target held every leak at or under 0.025 but lost the ring's recontext: rows that lean less on the UNet
+    # the frozen target held every leak at or under 0.043 but lost the ring's recontext: rows that lean less on the UNet
     "prior-frozen+prior-batch-4+ema-0.98+ci-200": Settings(prior_target="frozen", prior_batch_size=4, ema_decay=0.98,
                                                            num_class_images=200),
     "prior-frozen+lr-5e-4+ci-200": Settings(prior_target="frozen", lr=5e-4, num_class_images=200),
-    # ... and the ring at seed 5 still drew gray in 35-74 % of "on a green background": on that run and the box's
+    # ... and the ring at seed 5 still drew gray in 30-74 % of "on a green background": on that run and the box's
     "prior-frozen+lr-3e-4+ci-200": Settings(prior_target="frozen", lr=3e-4, num_class_images=200),
     "prior-frozen+lr-5e-4+ema-0.98+ci-200": Settings(prior_target="frozen", lr=5e-4, ema_decay=0.98,
                                                      num_class_images=200),
