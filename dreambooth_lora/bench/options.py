@@ -83,6 +83,8 @@ SCREENED = {
     # 2 + 4 rows the ball still missed four (README "The prior's target")
     "prior-frozen+prior-batch-4+lr-5e-4+ema-0.98+ci-200": Settings(prior_target="frozen", prior_batch_size=4, lr=5e-4,
                                                                    ema_decay=0.98, num_class_images=200),
+    "prior-frozen+lr-5e-4+ema-0.98+rank-4+ci-200": Settings(prior_target="frozen", lr=5e-4, ema_decay=0.98, rank=4,
+                                                            num_class_images=200),  # fewer values to shift the class
 }
 # Every row but the defaults was measured with 64 class images, the built-ins' count until it became 200 (the
 # class-images-200 row, README "Quality"): the rows keep 64, so that they repeat the README's figures.
