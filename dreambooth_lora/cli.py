@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="what the class images' predictions are trained towards: the drawn noise (DreamBooth's, "
                               "the default) or the frozen base model's prediction on the same noisy image (the same "
                               "pull without the noise's variance; one more forward pass of the class rows a step)")
+    quality.add_argument("--contrast-rows", type=int, default=None, metavar="N",
+                         help="with --prior-target frozen: N rows a step of your photos under the class prompt, trained "
+                              "towards the frozen model's prediction, so that the class word without the identifier "
+                              "does not draw your subject (default 0)")
     quality.add_argument("--snr-gamma", type=float, default=0.0, metavar="GAMMA",
                          help="min-SNR-γ loss weighting, weight min(SNR, γ)/SNR (Hang et al. 2023; 5 is usual; default 0: off)")
     quality.add_argument("--noise-offset", type=float, default=0.0, metavar="X",
@@ -302,7 +306,7 @@ def cmd_train(args) -> int:
             num_class_images=args.num_class_images, lr=args.lr, resolution=args.resolution,
             text_encoder=args.text_encoder, adapter_type=args.adapter_type, qr_energy=args.qr_energy, loraplus_ratio=args.loraplus_ratio, seed=args.seed,
             train_token_embedding=args.train_token_embedding, batch_size=args.batch_size, prior_batch_size=args.prior_batch_size,
-            prior_target=args.prior_target,
+            prior_target=args.prior_target, contrast_rows=args.contrast_rows,
             checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds, device=args.device,
             mixed_precision=args.mixed_precision, config_dir=args.config_dir, low_memory=args.low_memory,
             channels_last=args.channels_last, compile=args.compile, fused_adam=args.fused_adam,

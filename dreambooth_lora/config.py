@@ -55,6 +55,9 @@ class TrainConfig:
     # the class rows' target: the drawn noise (DreamBooth's) or the frozen base model's prediction on the same noisy
     # class latent (the same pull in expectation, without the noise's variance; docs/DESIGN.md); None: the default
     prior_target: str | None = None
+    # with the frozen target: this many more rows a step of the instance photos under the class prompt, trained
+    # towards the frozen model's prediction (train.sample_latents); None: the default (0 unless the target is frozen)
+    contrast_rows: int | None = None
     checkpoint_every: int = 100  # steps between checkpoints (0: by time only); a crash loses at most this many
     checkpoint_seconds: float = 120.0  # ... or this many seconds, whichever comes first (0: by steps only)
     device: str = "auto"
@@ -152,6 +155,10 @@ class TrainConfig:
         _check_range("--meter-every", self.meter_every, 0, 100_000)
         if self.prior_target is not None and self.prior_target not in PRIOR_TARGETS:
             raise UserError(f"--prior-target {self.prior_target!r}: choose one of {', '.join(PRIOR_TARGETS)}.")
+        _check_range("--contrast-rows", self.contrast_rows, 0, 64)
+        if self.contrast_rows and self.prior_target not in (None, "frozen"):
+            raise UserError(f"--contrast-rows {self.contrast_rows}: the subject's photos under the class prompt are "
+                            "trained towards the frozen model's prediction; add --prior-target frozen.")
         if self.keep not in KEEP_CHOICES:
             raise UserError(f"--keep {self.keep!r}: choose one of {', '.join(KEEP_CHOICES)}.")
         if self.keep != "final" and not self.meter_every:
@@ -167,6 +174,8 @@ class TrainConfig:
         """Fill every None with the default for this base model and number of images."""
         defaults = defaults_for(is_builtin, num_images, native_resolution)
         filled = {f.name: defaults[f.name] for f in fields(self) if getattr(self, f.name) is None and f.name in defaults}
+        if self.contrast_rows is None and (self.prior_target or defaults["prior_target"]) != "frozen":
+            filled["contrast_rows"] = 0  # contrast rows need the frozen target (see __post_init__)
         if self.keep != "final" and self.ema_decay is None:
             filled["ema_decay"] = 0.0  # the meter keeps trained weights, not their average (see __post_init__)
         filled.setdefault("class_prompt", self.class_prompt or f"a photo of a {self.class_noun}")
@@ -194,7 +203,7 @@ def defaults_for(is_builtin: bool, num_images: int, native_resolution: int) -> d
         # (0.781, 0.688) and the ball leaked at seed 3 (0.062); with 200 all twelve runs at seeds 0-3 reached
         # 0.875-1.0 with leak <= 0.031 on 32 class images (README "Quality", "200 class images"; on 128, <= 0.039).
         return dict(steps=400, lr=1e-3, num_class_images=200, resolution=native_resolution, train_token_embedding=True, batch_size=2,
-                    ema_decay=0.95, prior_target="noise")
+                    ema_decay=0.95, prior_target="noise", contrast_rows=0)
     return dict(
         steps=STEPS_PER_IMAGE_REAL * num_images,
         lr=1e-4,
@@ -204,6 +213,7 @@ def defaults_for(is_builtin: bool, num_images: int, native_resolution: int) -> d
         batch_size=1,
         ema_decay=0.0,
         prior_target="noise",
+        contrast_rows=0,
     )
 
 

@@ -222,7 +222,7 @@ def training_step(run: Run) -> torch.Tensor:
     """One DreamBooth step: instance and class examples in the same forward pass; returns the loss, unread."""
     model, generator, scheduler = run.model, run.generator, run.scheduler
     latents, n_instance = sample_latents(run.instance_latents, run.class_latents, run.config.batch_size, generator,
-                                         run.config.prior_batch_size)
+                                         run.config.prior_batch_size, run.config.contrast_rows)
     latents = latents.to(run.device) * model.vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(run.device)
     if run.config.noise_offset:  # drawn only when on, so runs without it keep their random stream
@@ -480,11 +480,16 @@ def image_to_tensor(image) -> torch.Tensor:
 
 
 def sample_latents(instance, prior, batch: int, generator: torch.Generator,
-                   prior_batch: int | None = None) -> tuple[torch.Tensor, int]:
-    """Draw `batch` instance latents and, with priors, `prior_batch` class latents (default `batch`); instance rows
-    first. The loss averages each part on its own (losses.prior_preservation_loss), so more class rows weigh the
-    prior no more: they sample the class more densely at each step."""
-    parts = [(instance, batch)] + ([(prior, prior_batch or batch)] if prior is not None else [])
+                   prior_batch: int | None = None, contrast: int = 0) -> tuple[torch.Tensor, int]:
+    """Draw `batch` instance latents and, with priors, `prior_batch` class latents (default `batch`) and `contrast`
+    more instance latents; instance rows first, every row after them is under the class prompt. The loss averages
+    each part on its own (losses.prior_preservation_loss), so more class rows weigh the prior no more: they sample
+    the class more densely at each step. The contrast rows (--contrast-rows, with --prior-target frozen) are the
+    subject's own photos under the class prompt, trained towards the frozen model's prediction: the class word
+    without the identifier must not draw the subject even from the subject's own noisy latents."""
+    parts = [(instance, batch)]
+    if prior is not None:
+        parts += [(prior, prior_batch or batch)] + ([(instance, contrast)] if contrast else [])
     drawn = []
     for (mean, std), rows in parts:
         index = torch.randint(0, mean.shape[0], (rows,), generator=generator, device=generator.device).to(mean.device)
@@ -682,7 +687,7 @@ def save_adapter(library: Library, model: BaseModel, trainables: Trainables, con
         "resolution": config.resolution, "lr": config.lr, "loraplus_ratio": config.loraplus_ratio,
         "seed": config.seed, "job": job_id, "final_loss": losses[-1] if losses else None,
         "batch_size": config.batch_size, "prior_batch_size": config.prior_batch_size,
-        "prior_target": config.prior_target, "num_images": len(photos) or None,
+        "prior_target": config.prior_target, "contrast_rows": config.contrast_rows, "num_images": len(photos) or None,
         "training_seconds": round(training_seconds, 1) if training_seconds is not None else None,
         "sample_prompts": list(config.prompts_to_sample),
         "prompt_similarity": round(trainables.separation, 4), "studio_version": __version__,

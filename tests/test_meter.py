@@ -271,6 +271,30 @@ def test_with_the_frozen_target_the_first_step_has_no_prior_loss_at_any_weight(t
     assert adapter.meta["prior_target"] == "frozen" and plain.meta["prior_target"] == "noise"
 
 
+def test_contrast_rows_change_the_training_and_their_first_step_has_no_prior_loss(tmp_path, session_subject_images,
+                                                                                  session_prior_dir):
+    """--contrast-rows: the photos under the class prompt, towards the frozen model's prediction. At the first step
+    the adapted model is the frozen one on those rows too, so lambda still does not move the first loss."""
+    def run(name, **option):
+        return train(Library(tmp_path / name), tiny_config(name, prior_target="frozen", **option),
+                     session_subject_images, session_prior_dir)
+
+    plain, contrast = run("plain", steps=3), run("contrast", steps=3, contrast_rows=2)
+    assert contrast.losses != plain.losses
+    assert not same_tensors(adapter_tensors(contrast.adapter), adapter_tensors(plain.adapter))
+    assert contrast.adapter.meta["contrast_rows"] == 2 and plain.adapter.meta["contrast_rows"] == 0
+    heavy = run("heavy", steps=1, contrast_rows=2, prior_weight=50.0)
+    assert heavy.losses[0] == pytest.approx(contrast.losses[0], rel=1e-6)
+
+
+def test_contrast_rows_default_to_none_and_need_the_frozen_target():
+    assert tiny_config("f", prior_target="frozen", contrast_rows=1).resolved(3, True, RESOLUTION).contrast_rows == 1
+    assert tiny_config("n").contrast_rows is None
+    assert tiny_config("n").resolved(3, False, 512).contrast_rows == 0
+    with pytest.raises(UserError, match="add --prior-target frozen"):
+        tiny_config("n", contrast_rows=1).resolved(3, False, 512)  # real models' target is the noise
+
+
 def test_min_snr_loss_is_the_weighted_mse_of_the_step(monkeypatch, tmp_path, session_subject_images, session_prior_dir):
     """With gamma above every SNR of the sampled steps the weights are 1: the loss is the plain one."""
     plain = train(Library(tmp_path / "plain"), tiny_config("plain", steps=2), session_subject_images, session_prior_dir)
@@ -298,6 +322,9 @@ def run_cli(capsys, *argv):
     (["--ema-decay", "1"], "--ema-decay 1.0"),
     (["--prior-batch-size", "0"], "--prior-batch-size 0"),
     (["--prior-target", "teacher"], "--prior-target 'teacher'"),
+    (["--contrast-rows", "-1"], "--contrast-rows -1"),
+    (["--contrast-rows", "1", "--prior-target", "noise"], "add --prior-target frozen"),
+    (["--contrast-rows", "1"], "add --prior-target frozen"),  # the default target is noise
     (["--ema-decay", "0.9", "--meter-every", "2", "--keep", "both"], "use --ema-decay 0 with --keep best or both"),
 ])
 def test_bad_option_values_are_one_line_and_status_2(capsys, tmp_path, subject_images, extra, named):
@@ -311,7 +338,7 @@ def test_every_new_option_is_in_help(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     for flag in ("--snr-gamma", "--noise-offset", "--meter-every", "--keep", "--ema-decay", "--prior-batch-size",
-                 "--prior-target"):
+                 "--prior-target", "--contrast-rows"):
         assert flag in text
 
 

@@ -401,3 +401,8 @@ def test_a_step_draws_batch_instance_rows_then_prior_batch_class_rows():
     assert latents[:2].eq(0).all() and latents[2:].eq(1).all()  # instance rows first
     latents, n_instance = train.sample_latents(instance, None, 2, generator, prior_batch=6)
     assert n_instance == 2 and latents.shape[0] == 2  # without priors there are no class rows
+    latents, n_instance = train.sample_latents(instance, prior, 2, generator, prior_batch=3, contrast=1)
+    assert n_instance == 2 and latents.shape[0] == 6  # the contrast row comes last, under the class prompt ...
+    assert latents[:2].eq(0).all() and latents[2:5].eq(1).all() and latents[5:].eq(0).all()  # ... from the photos
+    latents, n_instance = train.sample_latents(instance, None, 2, generator, contrast=1)
+    assert latents.shape[0] == 2  # no priors, no class prompt rows: no contrast rows either

@@ -85,6 +85,11 @@ SCREENED = {
                                                                    ema_decay=0.98, num_class_images=200),
     "prior-frozen+lr-5e-4+ema-0.98+rank-4+ci-200": Settings(prior_target="frozen", lr=5e-4, ema_decay=0.98, rank=4,
                                                             num_class_images=200),  # fewer values to shift the class
+    # the ball's leak with the frozen target: one row a step of the photos under the class prompt (--contrast-rows)
+    "prior-frozen+contrast-1+lr-5e-4+ema-0.98+ci-200": Settings(prior_target="frozen", contrast_rows=1, lr=5e-4,
+                                                                ema_decay=0.98, num_class_images=200),
+    "prior-frozen+contrast-1+lr-7e-4+ema-0.98+ci-200": Settings(prior_target="frozen", contrast_rows=1, lr=7e-4,
+                                                                ema_decay=0.98, num_class_images=200),
 }
 # Every row but the defaults was measured with 64 class images, the built-ins' count until it became 200 (the
 # class-images-200 row, README "Quality"): the rows keep 64, so that they repeat the README's figures.
