@@ -90,6 +90,15 @@ SCREENED = {
                                                                 ema_decay=0.98, num_class_images=200),
     "prior-frozen+contrast-1+lr-7e-4+ema-0.98+ci-200": Settings(prior_target="frozen", contrast_rows=1, lr=7e-4,
                                                                 ema_decay=0.98, num_class_images=200),
+    "prior-frozen+contrast-2+lr-7e-4+ema-0.98+ci-200": Settings(prior_target="frozen", contrast_rows=2, lr=7e-4,
+                                                                ema_decay=0.98, num_class_images=200),
+    "prior-frozen+contrast-2+lr-5e-4+ema-0.98+ci-200": Settings(prior_target="frozen", contrast_rows=2, lr=5e-4,
+                                                                ema_decay=0.98, num_class_images=200),
+    # one contrast row at lr 7e-4 missed two of 24 (the ball's leak at seed 4, the ring's recontext at seed 2)
+    "prior-frozen+contrast-1+lr-6e-4+ema-0.98+ci-200": Settings(prior_target="frozen", contrast_rows=1, lr=6e-4,
+                                                                ema_decay=0.98, num_class_images=200),
+    "prior-frozen+contrast-1+lr-7e-4+ema-0.99+ci-200": Settings(prior_target="frozen", contrast_rows=1, lr=7e-4,
+                                                                ema_decay=0.99, num_class_images=200),
 }
 # Every row but the defaults was measured with 64 class images, the built-ins' count until it became 200 (the
 # class-images-200 row, README "Quality"): the rows keep 64, so that they repeat the README's figures.
