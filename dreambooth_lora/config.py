@@ -56,7 +56,7 @@ class TrainConfig:
     # class latent (the same pull in expectation, without the noise's variance; docs/DESIGN.md); None: the default
     prior_target: str | None = None
     # with the frozen target: this many more rows a step of the instance photos under the class prompt, trained
-    # towards the frozen model's prediction (train.sample_latents); None: the default (0 unless the target is frozen)
+    # towards the frozen model's prediction (train.sample_latents); None: the default (0)
     contrast_rows: int | None = None
     checkpoint_every: int = 100  # steps between checkpoints (0: by time only); a crash loses at most this many
     checkpoint_seconds: float = 120.0  # ... or this many seconds, whichever comes first (0: by steps only)
@@ -174,8 +174,6 @@ class TrainConfig:
         """Fill every None with the default for this base model and number of images."""
         defaults = defaults_for(is_builtin, num_images, native_resolution)
         filled = {f.name: defaults[f.name] for f in fields(self) if getattr(self, f.name) is None and f.name in defaults}
-        if self.contrast_rows is None and (self.prior_target or defaults["prior_target"]) != "frozen":
-            filled["contrast_rows"] = 0  # contrast rows need the frozen target (see __post_init__)
         if self.keep != "final" and self.ema_decay is None:
             filled["ema_decay"] = 0.0  # the meter keeps trained weights, not their average (see __post_init__)
         filled.setdefault("class_prompt", self.class_prompt or f"a photo of a {self.class_noun}")

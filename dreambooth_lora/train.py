@@ -268,8 +268,8 @@ def training_step(run: Run) -> torch.Tensor:
 
 def frozen_class_predictions(run: Run, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
                              n_instance: int) -> torch.Tensor | None:
-    """The frozen base model's predictions for the batch's class rows (every adapter off, no gradient): the class
-    rows' target with --prior-target frozen; None when the batch has no class rows.
+    """The frozen base model's predictions for the batch's class-prompt rows, the class images' and the contrast rows'
+    (every adapter off, no gradient): their target with --prior-target frozen; None when the batch has none.
 
     The noise target pulls the class rows towards E[noise | noisy latent], which the base model's prediction
     estimates (the class images are its own); this target is that estimate itself, without the drawn noise's variance.
