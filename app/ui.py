@@ -123,7 +123,7 @@ def train_tab(demo: gr.Blocks, scoped: Scoped, timer: gr.Timer) -> None:
                     prior_weight = gr.Number(label="Prior weight λ", value=1.0, info="0 disables class priors")
                     num_class_images = gr.Number(label="Class images", value=0, precision=0,
                                                  info="0: the model's default (λ = 0 trains without)", elem_id="adv-class-images")
-                    lr = gr.Number(label="Learning rate", value=0, info="0: the model's default (1e-4 real, 1e-3 built-in)")
+                    lr = gr.Number(label="Learning rate", value=0, info="0: the model's default (1e-4 real, 7e-4 built-in)")
                 with gr.Row():
                     resolution = gr.Number(label="Resolution (px)", value=0, precision=0, info="0: the model's native size")
                     text_encoder = gr.Radio(list(TEXT_ENCODER_MODES), value="none", label="Text encoder")

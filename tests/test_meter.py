@@ -265,8 +265,8 @@ def test_with_the_frozen_target_the_first_step_has_no_prior_loss_at_any_weight(t
 
     frozen_1, adapter = first_loss("frozen-1", prior_target="frozen")
     frozen_50, _ = first_loss("frozen-50", prior_target="frozen", prior_weight=50.0)
-    noise_1, plain = first_loss("noise-1")
-    noise_50, _ = first_loss("noise-50", prior_weight=50.0)
+    noise_1, plain = first_loss("noise-1", prior_target="noise")
+    noise_50, _ = first_loss("noise-50", prior_target="noise", prior_weight=50.0)
     assert frozen_1 == pytest.approx(frozen_50, rel=1e-6) and noise_50 > 2 * noise_1
     assert adapter.meta["prior_target"] == "frozen" and plain.meta["prior_target"] == "noise"
 
@@ -279,7 +279,7 @@ def test_contrast_rows_change_the_training_and_their_first_step_has_no_prior_los
         return train(Library(tmp_path / name), tiny_config(name, prior_target="frozen", **option),
                      session_subject_images, session_prior_dir)
 
-    plain, contrast = run("plain", steps=3), run("contrast", steps=3, contrast_rows=2)
+    plain, contrast = run("plain", steps=3, contrast_rows=0), run("contrast", steps=3, contrast_rows=2)
     assert contrast.losses != plain.losses
     assert not same_tensors(adapter_tensors(contrast.adapter), adapter_tensors(plain.adapter))
     assert contrast.adapter.meta["contrast_rows"] == 2 and plain.adapter.meta["contrast_rows"] == 0
@@ -287,20 +287,27 @@ def test_contrast_rows_change_the_training_and_their_first_step_has_no_prior_los
     assert heavy.losses[0] == pytest.approx(contrast.losses[0], rel=1e-6)
 
 
-def test_contrast_rows_default_to_none_and_need_the_frozen_target():
+def test_contrast_rows_default_to_two_on_built_ins_and_need_the_frozen_target():
     assert tiny_config("f", prior_target="frozen", contrast_rows=1).resolved(3, True, RESOLUTION).contrast_rows == 1
     assert tiny_config("n").contrast_rows is None
-    assert tiny_config("n").resolved(3, False, 512).contrast_rows == 0
+    builtin = tiny_config("b").resolved(3, True, RESOLUTION)
+    assert (builtin.prior_target, builtin.contrast_rows, builtin.batch_size) == ("frozen", 2, 3)
+    # the noise target on a built-in takes no contrast rows by default, rather than refusing the built-in's 2
+    assert tiny_config("bn", prior_target="noise").resolved(3, True, RESOLUTION).contrast_rows == 0
+    real = tiny_config("n").resolved(3, False, 512)
+    assert (real.prior_target, real.contrast_rows) == ("noise", 0)
     with pytest.raises(UserError, match="add --prior-target frozen"):
         tiny_config("n", contrast_rows=1).resolved(3, False, 512)  # real models' target is the noise
 
 
 def test_min_snr_loss_is_the_weighted_mse_of_the_step(monkeypatch, tmp_path, session_subject_images, session_prior_dir):
     """With gamma above every SNR of the sampled steps the weights are 1: the loss is the plain one."""
-    plain = train(Library(tmp_path / "plain"), tiny_config("plain", steps=2), session_subject_images, session_prior_dir)
-    huge = train(Library(tmp_path / "huge"), tiny_config("huge", steps=2, snr_gamma=1000.0), session_subject_images,
-                 session_prior_dir)
-    # tiny-random's schedule: SNR at t=0 is about 1/0.00085 ~ 1176 > 1000, so gamma 1000 is nearly always >= SNR
+    # tiny-random's schedule: SNR at t=0 is about 1/0.00085 ~ 1176 > 1000 (at t=1 ~ 590), so gamma 1000 weighs only
+    # t=0 below 1. The draws are seeded: at seed 1 the two steps' 16 timesteps hold no 0 (seed 0's second step does)
+    plain = train(Library(tmp_path / "plain"), tiny_config("plain", steps=2, seed=1), session_subject_images,
+                  session_prior_dir)
+    huge = train(Library(tmp_path / "huge"), tiny_config("huge", steps=2, seed=1, snr_gamma=1000.0),
+                 session_subject_images, session_prior_dir)
     assert huge.losses == pytest.approx(plain.losses, rel=1e-5)
 
 
@@ -324,7 +331,6 @@ def run_cli(capsys, *argv):
     (["--prior-target", "teacher"], "--prior-target 'teacher'"),
     (["--contrast-rows", "-1"], "--contrast-rows -1"),
     (["--contrast-rows", "1", "--prior-target", "noise"], "add --prior-target frozen"),
-    (["--contrast-rows", "1"], "add --prior-target frozen"),  # the default target is noise
     (["--ema-decay", "0.9", "--meter-every", "2", "--keep", "both"], "use --ema-decay 0 with --keep best or both"),
 ])
 def test_bad_option_values_are_one_line_and_status_2(capsys, tmp_path, subject_images, extra, named):

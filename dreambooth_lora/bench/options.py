@@ -1,10 +1,10 @@
-"""The option rows of the quality bench (engine of bench/options.py): the product's defaults with the meter on,
-min-SNR-γ, noise offset, a cosine rate and the weight average (EMA) off and at two decays, each over every shipped
-subject at λ = 1 and the grid's two seeds; and the candidates screened for the built-ins' defaults (SCREENED, issue 16),
-run by name.
+"""The option rows of the quality bench (engine of bench/options.py): the built-ins' defaults before the contrast rows
+(measured_then) with the meter on, min-SNR-γ, noise offset, a cosine rate and the weight average (EMA) off and at
+three decays, each over every shipped subject at λ = 1 and the grid's two seeds; and the candidates screened for the
+built-ins' defaults (SCREENED, issue 16), run by name.
 
-The meter rides on the defaults row: measuring changes no weight and draws no random number (tests/test_meter.py),
-so a run's final adapter is the defaults' adapter, and its chosen point is scored beside it.
+The meter rides on the no-ema row: measuring changes no weight and draws no random number (tests/test_meter.py),
+so a run's final adapter is no-ema's adapter, and its chosen point is scored beside it.
 """
 
 from __future__ import annotations
@@ -107,16 +107,30 @@ SCREENED = {
     "prior-frozen+contrast-2+bs-3+lr-7e-4+ema-0.99+ci-200": frozen_row(contrast_rows=2, batch_size=3, lr=7e-4,
                                                                        ema_decay=0.99),
 }
-# Every row but the defaults was measured with 64 class images, the built-ins' count until it became 200 (the
-# class-images-200 row, README "Quality"): the rows keep 64, so that they repeat the README's figures.
+# Every row but the defaults was measured with the built-ins' defaults of its time, and keeps them so that it repeats
+# the README's figures: 64 class images until 2026-11-28 (the class-images-200 row), and until the contrast rows
+# became the default (README "Quality", "Contrast rows") 2 photos and 2 class images a step, lr 1e-3, decay 0.95, the
+# noise target and no contrast rows. A row's own settings win.
 OLD_CLASS_IMAGES = 64
-SCREENED = {name: row if row.num_class_images else replace(row, num_class_images=OLD_CLASS_IMAGES)
-            for name, row in SCREENED.items()}
-VARIANTS = {name: row if name == "defaults" or row.num_class_images else replace(row, num_class_images=OLD_CLASS_IMAGES)
-            for name, row in VARIANTS.items()}
+MEASURED_THEN = dict(batch_size=2, lr=1e-3, ema_decay=0.95, prior_target="noise", contrast_rows=0)
+
+
+def measured_then(row: Settings) -> Settings:
+    """The row with every setting it leaves to the product filled with the defaults it was measured with."""
+    then = {key: value for key, value in MEASURED_THEN.items() if getattr(row, key) is None}
+    if row.meter_every:
+        then.pop("ema_decay")  # the meter keeps the trained weights, so its rows ran without the average (config.py)
+    if row.num_class_images is None:
+        then["num_class_images"] = OLD_CLASS_IMAGES
+    return replace(row, **then)
+
+
+SCREENED = {name: measured_then(row) for name, row in SCREENED.items()}
+VARIANTS = {name: row if name == "defaults" else measured_then(row) for name, row in VARIANTS.items()}
 VARIANTS.update(SCREENED)
-# rows left out of a run without --variants: defaults is ema-0.95 (config.defaults_for), no-ema is defaults+meter's
-# final; the screened rows were for choosing the defaults (run them by name)
+# rows left out of a run without --variants: defaults is the grid's lambda = 1 rows (bench/quality.py), ema-0.95 the
+# defaults before the contrast rows and no-ema defaults+meter's final; the screened rows were for choosing the
+# defaults (run them by name)
 REPEATS = ("defaults", "no-ema", *SCREENED)
 COLUMNS = (*SCORES, "class_diversity_tv", "train_seconds")
 
