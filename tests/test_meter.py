@@ -247,11 +247,11 @@ def test_min_snr_and_noise_offset_change_the_training(tmp_path, session_subject_
 
 def test_more_class_rows_per_step_change_the_training(tmp_path, session_subject_images, session_prior_dir):
     plain = train(Library(tmp_path / "plain"), tiny_config("plain", steps=3), session_subject_images, session_prior_dir)
-    more = train(Library(tmp_path / "more"), tiny_config("more", steps=3, prior_batch_size=3), session_subject_images,
-                 session_prior_dir)
+    more = train(Library(tmp_path / "more"), tiny_config("more", steps=3, prior_batch_size=5), session_subject_images,
+                 session_prior_dir)  # the built-ins take 3 photos a step, and as many class images by default
     assert more.losses != plain.losses
     assert not same_tensors(adapter_tensors(more.adapter), adapter_tensors(plain.adapter))
-    assert more.adapter.meta["prior_batch_size"] == 3 and plain.adapter.meta["prior_batch_size"] is None
+    assert more.adapter.meta["prior_batch_size"] == 5 and plain.adapter.meta["prior_batch_size"] is None
 
 
 def test_with_the_frozen_target_the_first_step_has_no_prior_loss_at_any_weight(tmp_path, session_subject_images,
