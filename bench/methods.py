@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Adapter types side by side on builtin:tiny-world: LoRA, DoRA, LoHa, LoKr (issue 17), QR-LoRA, VeRA, AdaLoRA (issue 18). Prints a table, then JSON.
 
-Each type trains on the redyellow-ball subject with the product's defaults for built-ins (400 steps, rank 8,
-alpha 8, lr 1e-3, identifier embedding, lambda = 1, 64 class images) at seeds 0 and 1, and is judged by the
+Each type trains on the redyellow-ball subject with the product's defaults for built-ins (config.defaults_for; the
+README's tables were measured with those of 2026-11-27: 400 steps, rank 8, alpha 8, lr 1e-3, batch 2 + 2, the noise
+target, identifier embedding, lambda = 1, 64 class images) at seeds 0 and 1, and is judged by the
 world's analyser exactly as bench/quality.py judges LoRA: subject fidelity, prior leak, recontext (asked
 background obeyed) and how many of those are the subject, plus trainable parameters (adapter layers and
 identifier rows), file size and training seconds. A failed run is reported in its row.
@@ -97,7 +98,7 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds (default 0 1)")
     parser.add_argument("--samples", type=int, default=32, help="images per prompt (default 32)")
     parser.add_argument("--steps", type=int, default=None, help="override the default steps (a smoke run)")
-    parser.add_argument("--lr", type=float, default=None, help="override the default learning rate (1e-3 on built-ins)")
+    parser.add_argument("--lr", type=float, default=None, help="override the default learning rate (7e-4 on built-ins)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="single-threaded worker processes")
     parser.add_argument("--work", default=None, help="working folder (default: a new temporary one)")
     parser.add_argument("--markdown", action="store_true", help="print the README table")
