@@ -106,6 +106,10 @@ SCREENED = {
                                                                        ema_decay=0.99),
     "prior-frozen+contrast-2+bs-3+lr-7e-4+ema-0.99+ci-200": frozen_row(contrast_rows=2, batch_size=3, lr=7e-4,
                                                                        ema_decay=0.99),
+    # the last one passed all 24 runs at seeds 0-7 and became the built-ins' default; the ball leaked 0.055 at fresh
+    # seed 10, so one more contrast row beside 3 + 3
+    "prior-frozen+contrast-3+bs-3+lr-7e-4+ema-0.99+ci-200": frozen_row(contrast_rows=3, batch_size=3, lr=7e-4,
+                                                                       ema_decay=0.99),
 }
 # Every row but the defaults was measured with the built-ins' defaults of its time, and keeps them so that it repeats
 # the README's figures: 64 class images until 2026-11-28 (the class-images-200 row), and until the contrast rows
