@@ -154,16 +154,22 @@ def test_frozen_target_is_the_base_models_prediction_for_the_class_rows(tiny_ran
 
 # ----- in a run -----
 
+METERED_RECIPE = dict(batch_size=2, prior_target="noise")  # see metered
+
+
 @pytest.fixture(scope="module")
 def metered(tmp_path_factory, session_subject_images, session_prior_dir):
     """The same 6-step run without the meter and with it (every 2 steps, keep both), each in a library of its own
-    (in one library the second subject would be called "sks2": another identifier, another run)."""
+    (in one library the second subject would be called "sks2": another identifier, another run). With 2 + 2 rows and
+    the noise target (the built-ins' recipe before the contrast rows) the meter chooses a step before the last here, so
+    keep both stores a second adapter; with today's built-in defaults it chose the last (seeded: each stays so), and
+    the test of the second adapter skipped."""
     root = tmp_path_factory.mktemp("metered")
     plain_library, library = Library(root / "plain"), Library(root / "both")
-    plain = train(plain_library, tiny_config("plain"), session_subject_images, session_prior_dir)
+    plain = train(plain_library, tiny_config("plain", **METERED_RECIPE), session_subject_images, session_prior_dir)
     progress = []
-    both = train(library, tiny_config("both", meter_every=2, keep="both"), session_subject_images, session_prior_dir,
-                 on_progress=progress.append)
+    both = train(library, tiny_config("both", meter_every=2, keep="both", **METERED_RECIPE), session_subject_images,
+                 session_prior_dir, on_progress=progress.append)
     return library, plain, both, progress, plain_library
 
 
@@ -194,7 +200,7 @@ def test_keep_both_adds_the_chosen_points_weights_equal_to_a_run_stopped_there(t
     assert chosen.name == f"both-step{both.chosen_step}" and chosen.meta["weights_step"] == both.chosen_step
     assert both.adapter.meta["chosen_step"] == both.chosen_step and both.adapter.meta["weights_step"] == 6
     # a run is deterministic in its seed and has no lr schedule: the weights at step N are a run of N steps
-    short = train(Library(tmp_path / "short"), tiny_config("short", steps=both.chosen_step), session_subject_images,
+    short = train(Library(tmp_path / "short"), tiny_config("short", steps=both.chosen_step, **METERED_RECIPE), session_subject_images,
                   session_prior_dir)
     assert same_tensors(adapter_tensors(chosen), adapter_tensors(short.adapter))
     assert len(chosen.samples) > 0
