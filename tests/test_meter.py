@@ -154,7 +154,7 @@ def test_frozen_target_is_the_base_models_prediction_for_the_class_rows(tiny_ran
 
 # ----- in a run -----
 
-METERED_RECIPE = dict(batch_size=2, prior_target="noise")  # see metered
+METERED_RECIPE = dict(batch_size=2, prior_target="noise")  # see metered; every run compared with it takes it too
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,8 @@ def test_keep_both_adds_the_chosen_points_weights_equal_to_a_run_stopped_there(t
     assert chosen.name == f"both-step{both.chosen_step}" and chosen.meta["weights_step"] == both.chosen_step
     assert both.adapter.meta["chosen_step"] == both.chosen_step and both.adapter.meta["weights_step"] == 6
     # a run is deterministic in its seed and has no lr schedule: the weights at step N are a run of N steps
-    short = train(Library(tmp_path / "short"), tiny_config("short", steps=both.chosen_step, **METERED_RECIPE), session_subject_images,
+    short = train(Library(tmp_path / "short"), tiny_config("short", steps=both.chosen_step, **METERED_RECIPE),
+                  session_subject_images,
                   session_prior_dir)
     assert same_tensors(adapter_tensors(chosen), adapter_tensors(short.adapter))
     assert len(chosen.samples) > 0
@@ -208,7 +209,8 @@ def test_keep_both_adds_the_chosen_points_weights_equal_to_a_run_stopped_there(t
 
 def test_keep_best_stores_only_the_chosen_points_weights(tmp_path, metered, session_subject_images, session_prior_dir):
     _, _, both, _, _ = metered
-    best = train(Library(tmp_path / "best"), tiny_config("best", meter_every=2, keep="best"), session_subject_images,
+    best = train(Library(tmp_path / "best"), tiny_config("best", meter_every=2, keep="best", **METERED_RECIPE),
+                 session_subject_images,
                  session_prior_dir)
     assert best.chosen_step == both.chosen_step and best.chosen_adapter is None
     expected = both.chosen_adapter or both.adapter  # the chosen point's weights, whichever adapter holds them
@@ -220,7 +222,7 @@ def test_a_resumed_metered_run_has_the_same_points_and_choice(tmp_path, metered,
                                                               session_prior_dir):
     _, _, both, _, _ = metered
     library = Library(tmp_path / "data")
-    job = create_job(library, tiny_config("resumed", meter_every=2, keep="both", checkpoint_every=3),
+    job = create_job(library, tiny_config("resumed", meter_every=2, keep="both", checkpoint_every=3, **METERED_RECIPE),
                      session_subject_images)
     seen = []
     with pytest.raises(TrainingStopped):  # stopped after step 5: checkpoint at 5, meter points at 2 and 4
