@@ -56,7 +56,8 @@ class TrainConfig:
     # class latent (the same pull in expectation, without the noise's variance; docs/DESIGN.md); None: the default
     prior_target: str | None = None
     # with the frozen target: this many more rows a step of the instance photos under the class prompt, trained
-    # towards the frozen model's prediction (train.sample_latents); None: the default (0)
+    # towards the frozen model's prediction (train.sample_latents); None: the default (2 on built-ins with the frozen
+    # target, else 0; resolved)
     contrast_rows: int | None = None
     checkpoint_every: int = 100  # steps between checkpoints (0: by time only); a crash loses at most this many
     checkpoint_seconds: float = 120.0  # ... or this many seconds, whichever comes first (0: by steps only)

@@ -201,8 +201,7 @@ def test_keep_both_adds_the_chosen_points_weights_equal_to_a_run_stopped_there(t
     assert both.adapter.meta["chosen_step"] == both.chosen_step and both.adapter.meta["weights_step"] == 6
     # a run is deterministic in its seed and has no lr schedule: the weights at step N are a run of N steps
     short = train(Library(tmp_path / "short"), tiny_config("short", steps=both.chosen_step, **METERED_RECIPE),
-                  session_subject_images,
-                  session_prior_dir)
+                  session_subject_images, session_prior_dir)
     assert same_tensors(adapter_tensors(chosen), adapter_tensors(short.adapter))
     assert len(chosen.samples) > 0
 
@@ -210,8 +209,7 @@ def test_keep_both_adds_the_chosen_points_weights_equal_to_a_run_stopped_there(t
 def test_keep_best_stores_only_the_chosen_points_weights(tmp_path, metered, session_subject_images, session_prior_dir):
     _, _, both, _, _ = metered
     best = train(Library(tmp_path / "best"), tiny_config("best", meter_every=2, keep="best", **METERED_RECIPE),
-                 session_subject_images,
-                 session_prior_dir)
+                 session_subject_images, session_prior_dir)
     assert best.chosen_step == both.chosen_step and best.chosen_adapter is None
     expected = both.chosen_adapter or both.adapter  # the chosen point's weights, whichever adapter holds them
     assert same_tensors(adapter_tensors(best.adapter), adapter_tensors(expected))
