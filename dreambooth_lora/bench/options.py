@@ -110,6 +110,18 @@ SCREENED = {
     # seed 10, so one more contrast row beside 3 + 3
     "prior-frozen+contrast-3+bs-3+lr-7e-4+ema-0.99+ci-200": frozen_row(contrast_rows=3, batch_size=3, lr=7e-4,
                                                                        ema_decay=0.99),
+    # 3 contrast rows held the ball at seed 10 and lost the box at seed 6: 4 photos a step beside them, for the box
+    # (names stay within 54 characters: a run's adapter is named ROW-SUBJECT-SEED, paths.py allows 80)
+    "prior-frozen+contrast-2+bs-4+lr-7e-4+ema-0.99+ci-200": frozen_row(contrast_rows=2, batch_size=4, lr=7e-4,
+                                                                       ema_decay=0.99),
+    "frozen+contrast-3+bs-4+pb-3+lr-7e-4+ema-0.99+ci-200": frozen_row(contrast_rows=3, batch_size=4,
+                                                                      prior_batch_size=3, lr=7e-4, ema_decay=0.99),
+    # both lost the box at seed 11 (0.781): the rate falling to 0 along a cosine (from 1e-3, on average 5e-4), so the
+    # average's last 100 steps are taken at small rates
+    "frozen+contrast-2+bs-3+lr-1e-3-cos+ema-0.99+ci-200": frozen_row(contrast_rows=2, batch_size=3, lr=1e-3,
+                                                                    lr_schedule="cosine", ema_decay=0.99),
+    "frozen+contrast-3+bs-3+lr-1e-3-cos+ema-0.99+ci-200": frozen_row(contrast_rows=3, batch_size=3, lr=1e-3,
+                                                                    lr_schedule="cosine", ema_decay=0.99),
 }
 # Every row but the defaults was measured with the built-ins' defaults of its time, and keeps them so that it repeats
 # the README's figures: 64 class images until 2026-11-28 (the class-images-200 row), and until the contrast rows
