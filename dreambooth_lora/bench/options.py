@@ -111,7 +111,6 @@ SCREENED = {
     "prior-frozen+contrast-3+bs-3+lr-7e-4+ema-0.99+ci-200": frozen_row(contrast_rows=3, batch_size=3, lr=7e-4,
                                                                        ema_decay=0.99),
     # 3 contrast rows held the ball at seed 10 and lost the box at seed 6: 4 photos a step beside them, for the box
-    # (names stay within 54 characters: a run's adapter is named ROW-SUBJECT-SEED, paths.py allows 80)
     "prior-frozen+contrast-2+bs-4+lr-7e-4+ema-0.99+ci-200": frozen_row(contrast_rows=2, batch_size=4, lr=7e-4,
                                                                        ema_decay=0.99),
     "frozen+contrast-3+bs-4+pb-3+lr-7e-4+ema-0.99+ci-200": frozen_row(contrast_rows=3, batch_size=4,
@@ -122,6 +121,18 @@ SCREENED = {
                                                                     lr_schedule="cosine", ema_decay=0.99),
     "frozen+contrast-3+bs-3+lr-1e-3-cos+ema-0.99+ci-200": frozen_row(contrast_rows=3, batch_size=3, lr=1e-3,
                                                                     lr_schedule="cosine", ema_decay=0.99),
+    # the identifier's norm stays under its cap in these runs (a 12x cap gave the 6x cap's figures exactly), so its
+    # rate decides how much of the subject it carries: twice the rate, with the UNet's as it is or slower (200 class
+    # images as every frozen_row; a name stays within 53 characters: the ball's runs at seed 10 name an adapter
+    # redyellow-ball-l1-s10-none-ROW, and paths.py allows 80)
+    "frozen+contrast-2+bs-3+tlr-1e-2+lr-7e-4+ema-0.99": frozen_row(contrast_rows=2, batch_size=3, token_lr=1e-2,
+                                                                  lr=7e-4, ema_decay=0.99),
+    "frozen+contrast-2+bs-3+tlr-1e-2+lr-5e-4+ema-0.99": frozen_row(contrast_rows=2, batch_size=3, token_lr=1e-2,
+                                                                  lr=5e-4, ema_decay=0.99),
+    # both left the ball's leak at seed 10 at 0.055 and lifted the box at seed 11 a little (0.875): the faster
+    # identifier beside 3 contrast rows, which had held the ball at seed 10 and lost the box at seed 6
+    "frozen+contrast-3+bs-3+tlr-1e-2+lr-7e-4+ema-0.99": frozen_row(contrast_rows=3, batch_size=3, token_lr=1e-2,
+                                                                  lr=7e-4, ema_decay=0.99),
 }
 # Every row but the defaults was measured with the built-ins' defaults of its time, and keeps them so that it repeats
 # the README's figures: 64 class images until 2026-11-28 (the class-images-200 row), and until the contrast rows
