@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float,
                    help="alpha; lora/dora/loha/lokr scale their update by alpha/rank (default alpha = rank, scale 1); "
                         "adalora: alpha/r with r its starting rank; not for qrlora/vera, whose learned vectors set the scale")
+    t.add_argument("--unet-layers", default=None, metavar="{attention,cross-attention}",
+                   help="the UNet's layers that carry the adapter: every attention projection (self- and "
+                        "cross-attention; the default for real models) or cross-attention's only, where the prompt enters "
+                        "(less of the subject in plain class images; the default for built-ins, README \"Quality\")")
     t.add_argument("--qr-energy", type=float, default=None, metavar="TAU",
                    help="qrlora only: per layer keep the fewest pivoted-QR columns whose |R_ii|^2 hold this share "
                         "of the total, e.g. 0.5 (default: --rank columns)")
@@ -305,7 +309,7 @@ def cmd_train(args) -> int:
             token=args.token, class_noun=args.class_noun, base_model=args.base_model or default_base_model(),
             name=args.name, steps=args.steps, rank=args.rank, alpha=args.alpha, prior_weight=args.prior_weight,
             num_class_images=args.num_class_images, lr=args.lr, resolution=args.resolution,
-            text_encoder=args.text_encoder, adapter_type=args.adapter_type, qr_energy=args.qr_energy, loraplus_ratio=args.loraplus_ratio, seed=args.seed,
+            text_encoder=args.text_encoder, unet_layers=args.unet_layers, adapter_type=args.adapter_type, qr_energy=args.qr_energy, loraplus_ratio=args.loraplus_ratio, seed=args.seed,
             train_token_embedding=args.train_token_embedding, batch_size=args.batch_size, prior_batch_size=args.prior_batch_size,
             prior_target=args.prior_target, contrast_rows=args.contrast_rows,
             checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds, device=args.device,

@@ -14,7 +14,13 @@ from .adapter_types import TRAINABLE_MARKERS, adapter_type
 from .identifier import IdentifierEmbedding
 from .research_types import attach_qrlora, qrlora_disabled, research_kind, trained_state, vera_config
 
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections (DreamBooth-LoRA)
+# --unet-layers: which attention projections of the UNet carry the adapter (PEFT matches each name as a path suffix)
+UNET_LAYERS = {
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],  # self- and cross-attention (diffusers' DreamBooth-LoRA)
+    # cross-attention only (attn2, where the prompt enters): README "Quality", "The cross-attention layers only"
+    "cross-attention": ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],
+}
+UNET_TARGETS = UNET_LAYERS["attention"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 ADAPTER_NAME = "default"
 
@@ -24,22 +30,23 @@ def lora_config(rank: int, alpha: float, targets: list[str]) -> LoraConfig:
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
 
 
-def attach_unet_lora(unet, rank: int, alpha: float, kind: str = "lora", qr_energy: float | None = None):
-    """The adapter type `kind` (lora, dora, loha, lokr, qrlora, vera) on the UNet's attention projections, equal to
-    the base at init. qrlora is ours (research_types.py), not PEFT's: it returns no config. adalora needs the run's
+def attach_unet_lora(unet, rank: int, alpha: float, kind: str = "lora", qr_energy: float | None = None,
+                     targets: list[str] = UNET_TARGETS):
+    """The adapter type `kind` (lora, dora, loha, lokr, qrlora, vera) on the UNet's attention projections `targets`
+    (UNET_LAYERS), equal to the base at init. qrlora is ours (research_types.py), not PEFT's: it returns no config. adalora needs the run's
     step count and a tuner the loop calls: research_types.attach_adalora."""
     if kind == "qrlora":
-        attach_qrlora(unet, rank, UNET_TARGETS, qr_energy)
+        attach_qrlora(unet, rank, targets, qr_energy)
         return None
     if kind == "vera":
         # PEFT's injection refuses VeRA (its shared A, B live on the tuner): the tuner injects into the UNet in place,
         # and every layer keeps a reference to the shared projections, so they move with the UNet.
         from peft.tuners.vera import VeraModel
 
-        config = vera_config(rank, UNET_TARGETS)
+        config = vera_config(rank, targets)
         VeraModel(unet, config, ADAPTER_NAME)
         return config
-    config = adapter_type(kind).config(rank, alpha, UNET_TARGETS)
+    config = adapter_type(kind).config(rank, alpha, targets)
     unet.add_adapter(config, adapter_name=ADAPTER_NAME)
     return config
 

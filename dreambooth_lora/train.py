@@ -26,7 +26,7 @@ from .lora import (
     attach_text_encoder_lora,
     attach_unet_lora,
     ADAPTER_NAME,
-    UNET_TARGETS,
+    UNET_LAYERS,
     adapters_disabled,
     collect_adapter_tensors,
     lora_parameters,
@@ -576,9 +576,11 @@ def attach_trainables(model: BaseModel, config: TrainConfig, device, weight_dtyp
         states = trainables.encode()
         trainables.separation = torch.nn.functional.cosine_similarity(states[0].flatten(), states[1].flatten(), dim=0).item()
     if config.adapter_type == "adalora":
-        trainables.allocator = attach_adalora(model.unet, config.rank, config.lora_alpha, config.steps, UNET_TARGETS)
+        trainables.allocator = attach_adalora(model.unet, config.rank, config.lora_alpha, config.steps,
+                                              UNET_LAYERS[config.unet_layers])
     else:
-        attach_unet_lora(model.unet, config.rank, config.lora_alpha, config.adapter_type, config.qr_energy)
+        attach_unet_lora(model.unet, config.rank, config.lora_alpha, config.adapter_type, config.qr_energy,
+                         UNET_LAYERS[config.unet_layers])
     if config.text_encoder in ("lora", "qlora"):
         attach_text_encoder_lora(model.text_encoder, config.rank, config.lora_alpha)
     if identifier is not None:

@@ -131,13 +131,14 @@ def test_lora_at_step_zero_gives_the_base_model_exactly(tiny_random_builder, ses
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, session_subject_images, session_prior_dir):
     """30 steps with text-encoder LoRA and the identifier embedding, at a high lr so the change is clear, and with the
-    built-ins' recipe of before the contrast rows (2 + 2 rows a step, the noise target, decay 0.95). On this random
+    built-ins' recipe of before the contrast rows (2 + 2 rows a step, the noise target, decay 0.95, the adapter on every
+    attention projection). On this random
     model the loss below fell 1.158 -> 0.863 with it, but only to 1.011 with the built-ins' 3 + 3 + 2 rows, frozen
     target and decay 0.99 of 2026-11-28 (which over 30 steps also averages the first steps' near-base weights), and to
     1.000 with the noise target and 2 + 4 rows: how far 30 steps go on a random model, not what the bench measures."""
     library = Library(tmp_path_factory.mktemp("trained_data"))
     job = create_job(library, tiny_config("subject", lr=1e-2, batch_size=2, prior_target="noise", ema_decay=0.95,
-                                          text_encoder="lora"),
+                                          text_encoder="lora", unet_layers="attention"),
                      session_subject_images)
     with capture_models() as captured:
         result = run_training(library, job, session_prior_dir)
@@ -200,6 +201,30 @@ def test_saved_adapter_reloads_to_the_trained_outputs(trained, session_subject_i
         assert np.abs(image(session.pipe) - image(model.pipeline())).max() < 1e-5
         session.clear()  # and without the adapter the images are the base model's, visibly different
         assert np.abs(image(session.pipe) - image(model.pipeline())).mean() > 1e-3
+
+
+def test_cross_attention_layers_alone_carry_the_adapter_and_a_plain_pipeline_places_exactly_them(
+        tmp_path, session_subject_images, session_prior_dir):
+    """--unet-layers cross-attention (the built-ins' default): attn2's projections train and attn1's are untouched;
+    the file holds those 16 layers and nothing else, and a plain diffusers pipeline places them all."""
+    library = Library(tmp_path)
+    config = tiny_config("cross", steps=2, lr=1e-2, ema_decay=0.0)
+    assert config.resolved(3, True, RESOLUTION).unet_layers == "cross-attention"
+    assert config.resolved(3, False, 512).unet_layers == "attention"  # real models keep every attention projection
+    with capture_models() as captured:
+        result = run_training(library, create_job(library, config, session_subject_images), session_prior_dir)
+    trained_unet = captured.models[0].unet
+    layers = {name: module for name, module in trained_unet.named_modules() if isinstance(module, LoraLayer)}
+    assert len(layers) == 4 * 4 and all(".attn2." in name for name in layers)  # q/k/v/out of attn2 in 4 blocks
+    assert all(module.lora_B["default"].weight.abs().sum() > 0 for module in layers.values())  # and they all trained
+    adapter = read_adapter(result.adapter.file)
+    file_modules = {key.split(".lora_")[0] for key in adapter.lora_only()}
+    assert len(file_modules) == 16 and all(".attn2." in key for key in file_modules)
+    plain = build_tiny_random().pipeline()
+    plain.load_lora_weights(str(result.adapter.file))
+    assert lora_layer_count(plain.unet) == 16 and lora_layer_count(plain.text_encoder) == 0
+    with pytest.raises(UserError, match="--unet-layers 'all'"):
+        tiny_config("bad", unet_layers="all")
 
 
 def test_adapter_file_records_the_run(trained):

@@ -137,11 +137,12 @@ SCREENED = {
     # rows"); the built-ins' defaults are still prior-frozen+contrast-2+bs-3+lr-7e-4+ema-0.99+ci-200
 }
 # Every row but the defaults was measured with the built-ins' defaults of its time, and keeps them so that it repeats
-# the README's figures: 64 class images until 2026-11-28 (the class-images-200 row), and until the contrast rows
+# the README's figures: 64 class images until 2026-11-28 (the class-images-200 row), until the contrast rows
 # became the default (README "Quality", "Contrast rows") 2 photos and 2 class images a step, lr 1e-3, decay 0.95, the
-# noise target and no contrast rows. A row's own settings win.
+# noise target and no contrast rows, and until 2026-11-29 the adapter on every attention projection. A row's own
+# settings win.
 OLD_CLASS_IMAGES = 64
-MEASURED_THEN = dict(batch_size=2, lr=1e-3, ema_decay=0.95, prior_target="noise", contrast_rows=0)
+MEASURED_THEN = dict(batch_size=2, lr=1e-3, ema_decay=0.95, prior_target="noise", contrast_rows=0, unet_layers="attention")
 
 
 def measured_then(row: Settings) -> Settings:

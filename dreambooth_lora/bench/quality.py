@@ -59,6 +59,7 @@ class Settings:
     prior_batch_size: int | None = None  # None: as many class images per step as instance images
     prior_target: str | None = None  # None: the product's default (noise)
     contrast_rows: int | None = None  # None: the product's default
+    unet_layers: str | None = None  # None: the product's default (cross-attention on the built-ins)
     text_encoder: str = "none"
     adapter_type: str = "lora"  # the UNet's adapter type (bench/methods.py compares them)
     snr_gamma: float = 0.0
@@ -228,6 +229,7 @@ def train_run(run: Run, settings: Settings, work: Path, photos: list[Path] | Non
     overrides = {k: v for k, v in dict(steps=settings.steps, lr=settings.lr, token_lr=settings.token_lr,
                                         batch_size=settings.batch_size, prior_batch_size=settings.prior_batch_size,
                                         prior_target=settings.prior_target, contrast_rows=settings.contrast_rows,
+                                        unet_layers=settings.unet_layers,
                                         ema_decay=settings.ema_decay,
                                         rank=settings.rank, num_class_images=settings.num_class_images).items()
                  if v is not None}
