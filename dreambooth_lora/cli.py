@@ -62,10 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float,
                    help="alpha; lora/dora/loha/lokr scale their update by alpha/rank (default alpha = rank, scale 1); "
                         "adalora: alpha/r with r its starting rank; not for qrlora/vera, whose learned vectors set the scale")
-    t.add_argument("--unet-layers", default=None, metavar="{attention,cross-attention}",
+    t.add_argument("--unet-layers", default="attention", metavar="{attention,cross-attention}",
                    help="the UNet's layers that carry the adapter: every attention projection (self- and "
-                        "cross-attention; the default for real models) or cross-attention's only, where the prompt enters "
-                        "(less of the subject in plain class images; the default for built-ins, README \"Quality\")")
+                        "cross-attention; the default) or cross-attention's only, where the prompt enters (on the "
+                        "tiny world: less of the subject in plain class images, but less obedience to a new "
+                        "background; README \"Quality\")")
     t.add_argument("--qr-energy", type=float, default=None, metavar="TAU",
                    help="qrlora only: per layer keep the fewest pivoted-QR columns whose |R_ii|^2 hold this share "
                         "of the total, e.g. 0.5 (default: --rank columns)")

@@ -337,6 +337,7 @@ def run_cli(capsys, *argv):
     (["--prior-target", "teacher"], "--prior-target 'teacher'"),
     (["--contrast-rows", "-1"], "--contrast-rows -1"),
     (["--contrast-rows", "1", "--prior-target", "noise"], "add --prior-target frozen"),
+    (["--unet-layers", "all"], "--unet-layers 'all'"),
     (["--ema-decay", "0.9", "--meter-every", "2", "--keep", "both"], "use --ema-decay 0 with --keep best or both"),
 ])
 def test_bad_option_values_are_one_line_and_status_2(capsys, tmp_path, subject_images, extra, named):
@@ -350,7 +351,7 @@ def test_every_new_option_is_in_help(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     for flag in ("--snr-gamma", "--noise-offset", "--meter-every", "--keep", "--ema-decay", "--prior-batch-size",
-                 "--prior-target", "--contrast-rows"):
+                 "--prior-target", "--contrast-rows", "--unet-layers"):
         assert flag in text
 
 

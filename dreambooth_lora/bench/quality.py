@@ -59,7 +59,7 @@ class Settings:
     prior_batch_size: int | None = None  # None: as many class images per step as instance images
     prior_target: str | None = None  # None: the product's default (noise)
     contrast_rows: int | None = None  # None: the product's default
-    unet_layers: str | None = None  # None: the product's default (cross-attention on the built-ins)
+    unet_layers: str | None = None  # None: the product's default (every attention projection)
     text_encoder: str = "none"
     adapter_type: str = "lora"  # the UNet's adapter type (bench/methods.py compares them)
     snr_gamma: float = 0.0
