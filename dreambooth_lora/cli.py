@@ -64,9 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "adalora: alpha/r with r its starting rank; not for qrlora/vera, whose learned vectors set the scale")
     t.add_argument("--unet-layers", default="attention", metavar="{attention,cross-attention}",
                    help="the UNet's layers that carry the adapter: every attention projection (self- and "
-                        "cross-attention; the default) or cross-attention's only, where the prompt enters (on the "
-                        "tiny world: less of the subject in plain class images, but less obedience to a new "
-                        "background; README \"Quality\")")
+                        "cross-attention; the default) or cross-attention's only, where the prompt enters (fewer "
+                        "trained values; on the tiny world it missed more runs than the default, README \"Quality\")")
     t.add_argument("--qr-energy", type=float, default=None, metavar="TAU",
                    help="qrlora only: per layer keep the fewest pivoted-QR columns whose |R_ii|^2 hold this share "
                         "of the total, e.g. 0.5 (default: --rank columns)")

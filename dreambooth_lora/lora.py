@@ -33,8 +33,8 @@ def lora_config(rank: int, alpha: float, targets: list[str]) -> LoraConfig:
 def attach_unet_lora(unet, rank: int, alpha: float, kind: str = "lora", qr_energy: float | None = None,
                      targets: list[str] = UNET_TARGETS):
     """The adapter type `kind` (lora, dora, loha, lokr, qrlora, vera) on the UNet's attention projections `targets`
-    (UNET_LAYERS), equal to the base at init. qrlora is ours (research_types.py), not PEFT's: it returns no config. adalora needs the run's
-    step count and a tuner the loop calls: research_types.attach_adalora."""
+    (UNET_LAYERS), equal to the base at init. qrlora is ours (research_types.py), not PEFT's: it returns no config.
+    adalora needs the run's step count and a tuner the loop calls: research_types.attach_adalora."""
     if kind == "qrlora":
         attach_qrlora(unet, rank, targets, qr_energy)
         return None
