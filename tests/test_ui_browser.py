@@ -88,6 +88,7 @@ def test_train_then_generate_in_the_browser(server):
             base.press("Enter")
             page.get_by_text("Advanced").click()
             page.locator("#adv-steps input").fill("4")
+            page.locator("#adv-steps input").press("Tab")  # commit the number: without it the run sometimes kept 0 (400 steps)
             page.locator("#adv-class-images input").fill("2")
             page.locator("#adv-sample-every input").fill("2")  # samples at step 2, one per prompt
             page.locator("#adv-sample-prompts textarea").fill("a photo of sks box\na photo of sks box on a red background")
