@@ -60,7 +60,8 @@ def main() -> int:
     parser.add_argument("--subjects", nargs="+", default=None, metavar="SUBJECT", help="only these subjects (default: all)")
     parser.add_argument("--runs", nargs="+", default=None, metavar="SUBJECT:SEED",
                         help="only these runs, e.g. bluecyan-box:2 redyellow-ball:3 (instead of subjects x seeds)")
-    parser.add_argument("--work", default=None, help="folder for the runs' libraries and class images (default: a temporary one)")
+    parser.add_argument("--work", default=None, help="folder that keeps the runs' libraries (their adapters) and class images (default: a "
+                             "temporary one, removed at the end)")
     args = parser.parse_args()
     variants = args.variants or [name for name in VARIANTS if name not in REPEATS]
     pairs = [(text.rsplit(":", 1)[0], int(text.rsplit(":", 1)[1])) for text in args.runs or ()]

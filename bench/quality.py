@@ -81,10 +81,13 @@ def main() -> int:
                         help="training seeds (default 0 1); given, the grid is the lambda rows alone, without the TE modes")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="single-threaded worker processes")
     parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU")
+    parser.add_argument("--work", default=None,
+                        help="folder that keeps the runs' libraries (their adapters) and class images (default: a "
+                             "temporary one, removed at the end)")
     args = parser.parse_args()
     settings = Settings(samples=args.samples, steps=args.steps, lr=args.lr, token_lr=args.token_lr,
                         batch_size=args.batch_size, text_encoder=args.text_encoder, ema_decay=args.ema_decay)
-    report = run_bench(args.quick, settings, args.workers, args.machine,
+    report = run_bench(args.quick, settings, args.workers, args.machine, args.work,
                        on_row=lambda row: print(json.dumps(row), file=sys.stderr, flush=True), seeds=args.seeds)
     tables = sys.stderr if args.json else sys.stdout  # with --json, stdout is the JSON alone
     print_table(report, tables)

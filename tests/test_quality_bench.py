@@ -27,6 +27,22 @@ def test_full_plan_covers_every_subject_both_lambdas_two_seeds_and_each_text_enc
     assert [(r.prior_weight, r.seed) for r in quality.plan(quick=True)] == [(1.0, 0), (0.0, 0)]
 
 
+def test_a_bench_without_a_work_folder_removes_the_temporary_one_it_made(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_tasks(pool, tasks, work, on_row):  # the folder's lifecycle only: no training
+        (work / "data-run").mkdir()
+        seen.append(work)
+        return {}, []
+
+    monkeypatch.setattr(quality, "_run_tasks", fake_tasks)
+    task = (quality.Run("redyellow-ball", 1.0, 0, "none"), quality.Settings())
+    quality.run_tasks([task], workers=1)
+    assert seen and seen[0].name.startswith("dbl-quality-") and not seen[0].exists()
+    quality.run_tasks([task], workers=1, work=tmp_path)  # a folder the caller gave stays, with the runs' libraries
+    assert seen[1] == tmp_path and (tmp_path / "data-run").is_dir()
+
+
 @pytest.mark.slow
 def test_quick_bench_reports_every_metric_and_priors_reduce_leak(tmp_path):
     report = quality.run_bench(True, quality.Settings(samples=16), workers=2, machine="test", work=tmp_path)

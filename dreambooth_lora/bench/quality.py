@@ -343,9 +343,14 @@ def run_bench(quick: bool, settings: Settings, workers: int = 2, machine: str = 
 
 def run_tasks(tasks: list[tuple[Run, Settings]], workers: int = 2, machine: str = "", work: Path | None = None,
               on_row=lambda row: None) -> dict:
-    """Train and score each (run, settings) on `workers` processes; the report without a summary."""
+    """Train and score each (run, settings) on `workers` processes; the report without a summary. The runs'
+    libraries (their adapters) and the class images stay in `work` when it is given; a temporary folder made here
+    is removed at the end."""
     started = time.time()
-    work = Path(work or tempfile.mkdtemp(prefix="dbl-quality-"))
+    if work is None:
+        with tempfile.TemporaryDirectory(prefix="dbl-quality-") as folder:
+            return run_tasks(tasks, workers, machine, Path(folder), on_row)
+    work = Path(work)
     runs = [run for run, _ in tasks]
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=start_worker)
     try:
