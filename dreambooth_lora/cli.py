@@ -62,10 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float,
                    help="alpha; lora/dora/loha/lokr scale their update by alpha/rank (default alpha = rank, scale 1); "
                         "adalora: alpha/r with r its starting rank; not for qrlora/vera, whose learned vectors set the scale")
-    t.add_argument("--unet-layers", default="attention", metavar="{attention,cross-attention}",
+    t.add_argument("--unet-layers", default=None, metavar="{attention,cross-attention,no-prompt-kv}",
                    help="the UNet's layers that carry the adapter: every attention projection (self- and "
-                        "cross-attention; the default) or cross-attention's only, where the prompt enters (fewer "
-                        "trained values; on the tiny world it missed more runs than the default, README \"Quality\")")
+                        "cross-attention; the default for real models), cross-attention's only, where the prompt enters, "
+                        "or every one but cross-attention's keys and values, which read the prompt's words, so that a "
+                        "class word keeps the base model's meaning (the default for built-ins, README \"Quality\")")
     t.add_argument("--qr-energy", type=float, default=None, metavar="TAU",
                    help="qrlora only: per layer keep the fewest pivoted-QR columns whose |R_ii|^2 hold this share "
                         "of the total, e.g. 0.5 (default: --rank columns)")
@@ -133,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --prior-target frozen: N rows a step of your photos under the class prompt, trained "
                               "towards the frozen model's prediction, so that the class word without the identifier "
                               "does not draw your subject (default 2 on built-ins with the frozen target, else 0)")
+    quality.add_argument("--caption-dropout", type=float, default=None, metavar="P",
+                         help="train each photo's row under the empty prompt with probability P instead of the "
+                              "instance prompt; guidance then takes what the empty prompt learned of the subject out of "
+                              "prompts without the identifier (less of the subject in plain class images, at some cost "
+                              "in likeness; default 0.05 on built-ins, else 0)")
     quality.add_argument("--snr-gamma", type=float, default=0.0, metavar="GAMMA",
                          help="min-SNR-γ loss weighting, weight min(SNR, γ)/SNR (Hang et al. 2023; 5 is usual; default 0: off)")
     quality.add_argument("--noise-offset", type=float, default=0.0, metavar="X",
@@ -311,7 +317,7 @@ def cmd_train(args) -> int:
             num_class_images=args.num_class_images, lr=args.lr, resolution=args.resolution,
             text_encoder=args.text_encoder, unet_layers=args.unet_layers, adapter_type=args.adapter_type, qr_energy=args.qr_energy, loraplus_ratio=args.loraplus_ratio, seed=args.seed,
             train_token_embedding=args.train_token_embedding, batch_size=args.batch_size, prior_batch_size=args.prior_batch_size,
-            prior_target=args.prior_target, contrast_rows=args.contrast_rows,
+            prior_target=args.prior_target, contrast_rows=args.contrast_rows, caption_dropout=args.caption_dropout,
             checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds, device=args.device,
             mixed_precision=args.mixed_precision, config_dir=args.config_dir, low_memory=args.low_memory,
             channels_last=args.channels_last, compile=args.compile, fused_adam=args.fused_adam,

@@ -44,6 +44,9 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 METER_FILE = "meter.json"  # the meter's points and chosen step (dreambooth_lora/meter.py writes it)
 METER_CHECKPOINTS = "meter"  # the adapter tensors at each meter point, until the adapter is saved
 LOG_FILE = "log.txt"
+# Settings added after jobs were first recorded, with what a record made before them trained with: such a job (a
+# queued one, or one resumed from its checkpoint) keeps its recipe instead of taking the defaults of today
+RECORDED_BEFORE = {"unet_layers": "attention", "caption_dropout": 0.0}
 PHASES_FILE = "phases.json"  # when each phase of each run began: the studio's monitor and the adapter's training time
 STORE_REFRESH_SECONDS = 5.0  # a job's log and phases come from the store at most this often (the studio asks each tick)
 _refreshed: dict[Path, float] = {}  # each log and phases file: when (time.monotonic) this process last checked it
@@ -134,7 +137,7 @@ class Job:
         return self.folder / CHECKPOINT_FILE
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(**self.config)
+        return TrainConfig(**{**RECORDED_BEFORE, **self.config})
 
     @property
     def meter_record(self) -> dict:

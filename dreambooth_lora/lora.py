@@ -19,6 +19,9 @@ UNET_LAYERS = {
     "attention": ["to_q", "to_k", "to_v", "to_out.0"],  # self- and cross-attention (diffusers' DreamBooth-LoRA)
     # cross-attention only (attn2, where the prompt enters): README "Quality", "The cross-attention layers only"
     "cross-attention": ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],
+    # every projection but cross-attention's keys and values, the only ones that read the prompt's words: what a class
+    # word means to the UNet stays the base model's (README "Quality", "Where the leak comes from")
+    "no-prompt-kv": ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0"],
 }
 UNET_TARGETS = UNET_LAYERS["attention"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import tempfile
 import time
@@ -209,6 +210,8 @@ def apply_speed_levers(model: BaseModel, trainables: "Trainables", config: Train
         model.unet.enable_gradient_checkpointing()
         if not trainables.text_encoder_trains and device.type == "cuda":
             trainables.prompt_embeddings(1, 1)  # cache the encoder states, then free the encoder's GPU memory
+            if config.caption_dropout:
+                trainables.empty_states()
             model.text_encoder.to("cpu")
         model.vae.to("cpu")  # its latents are cached; samples move it back
         torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -232,7 +235,10 @@ def training_step(run: Run) -> torch.Tensor:
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if run.config.channels_last:
         noisy = noisy.contiguous(memory_format=torch.channels_last)
-    hidden = run.trainables.prompt_embeddings(n_instance, latents.shape[0] - n_instance)
+    dropped = None
+    if run.config.caption_dropout:  # drawn only when on, so runs without it keep their random stream
+        dropped = torch.rand(n_instance, generator=generator, device=generator.device) < run.config.caption_dropout
+    hidden = run.trainables.prompt_embeddings(n_instance, latents.shape[0] - n_instance, dropped)
     frozen = frozen_class_predictions(run, noisy, timesteps, hidden, n_instance) if run.config.prior_target == "frozen" else None
     with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
         prediction = model.unet(noisy.to(run.weight_dtype), timesteps, hidden.to(run.weight_dtype)).sample
@@ -509,6 +515,7 @@ class Trainables:
             max_length=model.tokenizer.model_max_length, truncation=True, return_tensors="pt",
         ).input_ids.to(device)
         self.cached: torch.Tensor | None = None
+        self.cached_empty: torch.Tensor | None = None
         self.separation = 0.0
         self.max_token_norm = 0.0  # set with the identifier embedding: NORM_ALLOWANCE x a typical word's norm
         self.allocator = None  # AdaLoRA's PEFT tuner (update_and_allocate after each optimizer step); None otherwise
@@ -532,8 +539,9 @@ class Trainables:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             return self.model.text_encoder(self.prompt_ids)[0].float()
 
-    def prompt_embeddings(self, n_instance: int, n_class: int) -> torch.Tensor:
-        """Encoder states for the batch rows: cached when nothing in the text encoder learns."""
+    def prompt_embeddings(self, n_instance: int, n_class: int, dropped: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder states for the batch rows: cached when nothing in the text encoder learns. `dropped` (a bool per
+        instance row) puts those instance rows under the empty prompt (--caption-dropout)."""
         if self.text_encoder_trains:
             both = self.encode()
         else:
@@ -541,7 +549,22 @@ class Trainables:
                 with torch.no_grad():
                     self.cached = self.encode()
             both = self.cached
-        return torch.cat([both[0:1].expand(n_instance, -1, -1), both[1:2].expand(n_class, -1, -1)])
+        instance = both[0:1].expand(n_instance, -1, -1)
+        if dropped is not None and bool(dropped.any()):
+            instance = torch.where(dropped.to(instance.device)[:, None, None], self.empty_states(), instance)
+        return torch.cat([instance, both[1:2].expand(n_class, -1, -1)])
+
+    def empty_states(self) -> torch.Tensor:
+        """The empty prompt's encoder states (guidance's unconditional branch), encoded on their own so that the
+        other prompts' states stay what they were without caption dropout; cached unless a text-encoder LoRA learns
+        (the identifier is not in the empty prompt, so its row changes nothing here)."""
+        if self.config.text_encoder != "none" or self.cached_empty is None:
+            ids = self.model.tokenizer([""], padding="max_length", max_length=self.model.tokenizer.model_max_length,
+                                       truncation=True, return_tensors="pt").input_ids.to(self.device)
+            with torch.no_grad() if self.config.text_encoder == "none" else contextlib.nullcontext():
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                    self.cached_empty = self.model.text_encoder(ids)[0].float()
+        return self.cached_empty
 
     def tensors(self) -> dict[str, torch.Tensor]:
         te = self.model.text_encoder if self.config.text_encoder != "none" else None
@@ -690,6 +713,7 @@ def save_adapter(library: Library, model: BaseModel, trainables: Trainables, con
         "seed": config.seed, "job": job_id, "final_loss": losses[-1] if losses else None,
         "batch_size": config.batch_size, "prior_batch_size": config.prior_batch_size,
         "prior_target": config.prior_target, "contrast_rows": config.contrast_rows, "num_images": len(photos) or None,
+        "unet_layers": config.unet_layers, "caption_dropout": config.caption_dropout,
         "training_seconds": round(training_seconds, 1) if training_seconds is not None else None,
         "sample_prompts": list(config.prompts_to_sample),
         "prompt_similarity": round(trainables.separation, 4), "studio_version": __version__,

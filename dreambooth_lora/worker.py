@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from .config import TrainConfig, uses_tiny_defaults
+from .config import uses_tiny_defaults
 from .images import expand_image_paths
 from .jobs import Job, Jobs, JobStatus, Runner, run_job
 from .library import Library
@@ -72,7 +72,7 @@ def sample_every_for(job: Job, samples_per_job: int) -> int:
     """total_steps // samples_per_job, with the step count the trainer will resolve to."""
     if samples_per_job <= 0:
         return 0
-    config = TrainConfig(**job.config)
+    config = job.train_config()
     num_images = len(expand_image_paths([job.folder / "images"]))
     steps = config.resolved(num_images, uses_tiny_defaults(config.base_model), 64).steps
     return steps // samples_per_job

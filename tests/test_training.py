@@ -202,27 +202,73 @@ def test_saved_adapter_reloads_to_the_trained_outputs(trained, session_subject_i
         assert np.abs(image(session.pipe) - image(model.pipeline())).mean() > 1e-3
 
 
-def test_cross_attention_layers_alone_carry_the_adapter_and_a_plain_pipeline_places_exactly_them(
-        tmp_path, session_subject_images, session_prior_dir):
-    """--unet-layers cross-attention: attn2's projections train and attn1's are untouched; the file holds those 16
-    layers and nothing else, and a plain diffusers pipeline places them all. Every attention projection is the default."""
-    assert tiny_config("d").resolved(3, True, RESOLUTION).unet_layers == "attention"  # the default, built-ins included
+@pytest.mark.parametrize("layers, expected", [
+    ("cross-attention", {"attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"}),
+    ("no-prompt-kv", {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0"}),
+])
+def test_unet_layers_choose_the_projections_that_train_and_a_plain_pipeline_places_exactly_them(
+        layers, expected, tmp_path, session_subject_images, session_prior_dir):
+    """--unet-layers: the chosen projections train in each of the 4 transformer blocks and no other does; the file
+    holds those layers and nothing else, and a plain diffusers pipeline places them all. The built-ins default to
+    no-prompt-kv (the prompt's keys and values frozen), real models to every attention projection."""
+    assert tiny_config("d").resolved(3, True, RESOLUTION).unet_layers == "no-prompt-kv"
+    assert tiny_config("d").resolved(3, False, RESOLUTION).unet_layers == "attention"
     library = Library(tmp_path)
-    config = tiny_config("cross", steps=2, lr=1e-2, ema_decay=0.0, unet_layers="cross-attention")
+    config = tiny_config("layers", steps=2, lr=1e-2, ema_decay=0.0, unet_layers=layers)
     with capture_models() as captured:
         result = run_training(library, create_job(library, config, session_subject_images), session_prior_dir)
     trained_unet = captured.models[0].unet
-    layers = {name: module for name, module in trained_unet.named_modules() if isinstance(module, LoraLayer)}
-    assert len(layers) == 4 * 4 and all(".attn2." in name for name in layers)  # q/k/v/out of attn2 in 4 blocks
-    assert all(module.lora_B["default"].weight.abs().sum() > 0 for module in layers.values())  # and they all trained
+    found = {name: module for name, module in trained_unet.named_modules() if isinstance(module, LoraLayer)}
+    assert len(found) == 4 * len(expected)
+    assert {"attn" + name.rsplit(".attn", 1)[1] for name in found} == expected  # "...attn1.to_out.0" -> "attn1.to_out.0"
+    assert all(module.lora_B["default"].weight.abs().sum() > 0 for module in found.values())  # and they all trained
     adapter = read_adapter(result.adapter.file)
     file_modules = {key.split(".lora_")[0] for key in adapter.lora_only()}
-    assert len(file_modules) == 16 and all(".attn2." in key for key in file_modules)
+    assert len(file_modules) == len(found)
     plain = build_tiny_random().pipeline()
     plain.load_lora_weights(str(result.adapter.file))
-    assert lora_layer_count(plain.unet) == 16 and lora_layer_count(plain.text_encoder) == 0
+    assert lora_layer_count(plain.unet) == len(found) and lora_layer_count(plain.text_encoder) == 0
     with pytest.raises(UserError, match="--unet-layers 'all'"):
         tiny_config("bad", unet_layers="all")
+
+
+def test_caption_dropout_trains_some_photo_rows_under_the_empty_prompt_and_no_class_row(
+        tmp_path, session_subject_images, session_prior_dir, monkeypatch):
+    """--caption-dropout P: each photo's row is under the empty prompt with probability P (guidance's unconditional
+    branch), every other photo row under the instance prompt, and no class row ever is; the file records P."""
+    calls = []
+    real_load = train.load_base_model
+
+    def load(*args, **kwargs):  # observe the UNet's inputs; nothing is replaced
+        model = real_load(*args, **kwargs)
+        model.unet.register_forward_pre_hook(  # the prompt's states: positional in a training step
+            lambda module, args, kwargs: calls.append((args[2] if len(args) > 2 else kwargs["encoder_hidden_states"])
+                                                      .detach().clone()), with_kwargs=True)
+        calls.append(model)
+        return model
+
+    monkeypatch.setattr(train, "load_base_model", load)
+    config = tiny_config("drop", steps=4, lr=1e-2, ema_decay=0.0, caption_dropout=0.5, batch_size=3, contrast_rows=0)
+    result = run_training(Library(tmp_path), create_job(Library(tmp_path), config, session_subject_images), session_prior_dir)
+    model, states = calls[0], calls[1:]
+    ids = lambda text: model.tokenizer([text], padding="max_length", max_length=model.tokenizer.model_max_length,
+                                       truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():  # the identifier's row is in the instance prompt alone: the empty and class prompts are the base's
+        empty, klass = (model.text_encoder(ids(text))[0][0] for text in ("", "a photo of a dog"))
+    steps = [batch for batch in states if batch.shape[0] == 6]  # 3 photo rows + 3 class rows (frozen-target passes: 3)
+    assert len(steps) == 4
+    photo_rows = [row for batch in steps for row in batch[:3]]
+    dropped = [torch.allclose(row, empty, atol=1e-5) for row in photo_rows]
+    assert 0 < sum(dropped) < len(photo_rows)  # some, not all, of the 12 draws at P = 0.5 (seeded: always the same)
+    assert all(torch.allclose(batch[3:], klass.expand(3, -1, -1), atol=1e-5) for batch in steps)
+    for step, batch in enumerate(steps):  # the rest: the instance prompt's states (its identifier row learns, step by step)
+        kept = [row for row, gone in zip(batch[:3], dropped[3 * step:3 * step + 3]) if not gone]
+        assert all(torch.equal(row, kept[0]) and not torch.allclose(row, klass, atol=1e-3) for row in kept)
+    assert result.adapter.meta["caption_dropout"] == 0.5
+    assert tiny_config("d").resolved(3, True, RESOLUTION).caption_dropout == 0.05  # the built-ins' default
+    assert tiny_config("d").resolved(3, False, RESOLUTION).caption_dropout == 0.0  # real models: off
+    with pytest.raises(UserError, match="--caption-dropout 1.0"):
+        tiny_config("bad", caption_dropout=1.0)
 
 
 def test_adapter_file_records_the_run(trained):

@@ -59,7 +59,8 @@ class Settings:
     prior_batch_size: int | None = None  # None: as many class images per step as instance images
     prior_target: str | None = None  # None: the product's default (noise)
     contrast_rows: int | None = None  # None: the product's default
-    unet_layers: str | None = None  # None: the product's default (every attention projection)
+    caption_dropout: float | None = None  # None: the product's default
+    unet_layers: str | None = None  # None: the product's default
     text_encoder: str = "none"
     adapter_type: str = "lora"  # the UNet's adapter type (bench/methods.py compares them)
     snr_gamma: float = 0.0
@@ -229,6 +230,7 @@ def train_run(run: Run, settings: Settings, work: Path, photos: list[Path] | Non
     overrides = {k: v for k, v in dict(steps=settings.steps, lr=settings.lr, token_lr=settings.token_lr,
                                         batch_size=settings.batch_size, prior_batch_size=settings.prior_batch_size,
                                         prior_target=settings.prior_target, contrast_rows=settings.contrast_rows,
+                                        caption_dropout=settings.caption_dropout,
                                         unet_layers=settings.unet_layers,
                                         ema_decay=settings.ema_decay,
                                         rank=settings.rank, num_class_images=settings.num_class_images).items()
