@@ -59,6 +59,16 @@ def model() -> BaseModel:
 
 
 @pytest.fixture(scope="session")
+def builtin_unet_layers() -> int:
+    """The UNet LoRA layers a built-in's default run puts on tiny-random: its 4 transformer blocks times the
+    projections the built-ins' default --unet-layers names (config.defaults_for, lora.UNET_LAYERS)."""
+    from dreambooth_lora.config import defaults_for
+    from dreambooth_lora.lora import UNET_LAYERS
+
+    return 4 * len(UNET_LAYERS[defaults_for(True, 1, 64)["unet_layers"]])
+
+
+@pytest.fixture(scope="session")
 def session_prior_dir(tmp_path_factory) -> Path:
     """A class-image cache shared by the session, so each (prompt, size) set is generated once."""
     return tmp_path_factory.mktemp("shared_prior")

@@ -116,14 +116,14 @@ def base_images(trained, tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", TYPES)
-def test_library_show_reports_type_and_parameters(trained, capsys, kind):
+def test_library_show_reports_type_and_parameters(trained, capsys, kind, builtin_unet_layers):
     capsys.readouterr()  # the fixture's training output
     assert main(["library", "--data-root", str(trained), "show", kind]) == 0
     shown = json.loads(capsys.readouterr().out)
     layers = read_adapter(Library(trained).get(kind).file).layers
     assert shown["adapter_type"] == kind and shown["meta"]["adapter_type"] == kind
     assert shown["trainable_params"] == sum(layer.num_params for layer in layers.values()) > 0
-    assert all(type(layer) is ADAPTER_TYPES[kind] for layer in layers.values()) and len(layers) == 32
+    assert all(type(layer) is ADAPTER_TYPES[kind] for layer in layers.values()) and len(layers) == builtin_unet_layers
 
 
 @pytest.mark.parametrize("kind", TYPES)
@@ -142,7 +142,7 @@ def test_export_import_round_trip_gives_the_same_images(trained, base_images, tm
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
-def test_diffusers_export_loads_in_a_plain_pipeline(trained, tmp_path, capsys, kind):
+def test_diffusers_export_loads_in_a_plain_pipeline(trained, tmp_path, capsys, kind, builtin_unet_layers):
     """An independent loader: diffusers' load_lora_weights places every layer (DoRA ones as DoRA) and draws the same."""
     from peft.tuners.lora import LoraLayer
 
@@ -154,7 +154,7 @@ def test_diffusers_export_loads_in_a_plain_pipeline(trained, tmp_path, capsys, k
     pipe = load_base_model("builtin:tiny-random").pipeline()
     pipe.load_lora_weights(str(out))
     layers = [m for m in pipe.unet.modules() if isinstance(m, LoraLayer)]
-    assert len(layers) == 32 and all(any(m.use_dora.values()) == (kind == "dora") for m in layers)
+    assert len(layers) == builtin_unet_layers and all(any(m.use_dora.values()) == (kind == "dora") for m in layers)
     image = pipe([PROMPT], num_inference_steps=4, guidance_scale=5.0, height=64, width=64,
                  generator=[torch.Generator("cpu").manual_seed(3)]).images[0]
     assert same(np.asarray(image, dtype=np.float64)[None], generate(trained, tmp_path, "session", kind))
@@ -180,7 +180,7 @@ def comfyui_sd1_names(model) -> set[str]:
                                             ("dora", {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"}),
                                             ("loha", {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}),
                                             ("lokr", {"lokr_w1", "lokr_w2", "alpha"})])
-def test_kohya_keys_follow_comfyuis_naming_rule(trained, model, tmp_path, capsys, kind, expected):
+def test_kohya_keys_follow_comfyuis_naming_rule(trained, model, tmp_path, capsys, kind, expected, builtin_unet_layers):
     out = tmp_path / f"{kind}.safetensors"
     assert main(["library", "--data-root", str(trained), "export", kind, "--format", "kohya", "--out", str(out)]) == 0
     capsys.readouterr()
@@ -191,7 +191,7 @@ def test_kohya_keys_follow_comfyuis_naming_rule(trained, model, tmp_path, capsys
         name, _, suffix = key.partition(".")
         assert name in allowed and suffix in COMFY_SUFFIXES, key
         by_layer.setdefault(name, set()).add(suffix)
-    assert all(suffixes == expected for suffixes in by_layer.values()) and len(by_layer) == 32
+    assert all(suffixes == expected for suffixes in by_layer.values()) and len(by_layer) == builtin_unet_layers
     shapes = model_linear_shapes(model)
     for layer_key, (out_features, _) in shapes.items():
         if kind == "dora" and kohya_name(layer_key) in by_layer:

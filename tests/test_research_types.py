@@ -90,17 +90,17 @@ def trained(tmp_path_factory, session_subject_images, session_prior_dir):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_library_show_counts_the_learned_values(trained, capsys, kind):
+def test_library_show_counts_the_learned_values(trained, capsys, kind, builtin_unet_layers):
     capsys.readouterr()
     assert main(["library", "--data-root", str(trained), "show", kind]) == 0
     shown = json.loads(capsys.readouterr().out)
     layers = read_adapter(Library(trained).get(kind).file).layers
     assert shown["adapter_type"] == kind and shown["meta"]["stored_as"] == "lora"
-    assert all(type(layer) is LoRA for layer in layers.values()) and len(layers) == 32
+    assert all(type(layer) is LoRA for layer in layers.values()) and len(layers) == builtin_unet_layers
     factor_size = sum(layer.num_params for layer in layers.values())
     if kind == "qrlora":
         assert all(layer.rank == 8 for layer in layers.values())
-        assert shown["trainable_params"] == 32 * 8  # r lambdas per layer: hundreds, not the factors' thousands
+        assert shown["trainable_params"] == builtin_unet_layers * 8  # r lambdas per layer: hundreds, not the factors' thousands
         assert 100 <= shown["trainable_params"] < 1000 < factor_size
     elif kind == "vera":
         assert all(layer.rank == 8 for layer in layers.values())
@@ -114,7 +114,9 @@ def test_export_import_round_trip_gives_the_same_images(trained, tmp_path, capsy
     root = str(trained)
     base = generate(trained, tmp_path, "base")
     original = generate(trained, tmp_path, "original", kind)
-    assert np.abs(original - base).mean() > 1.0  # the trained vectors change the images
+    # the trained vectors change the images (0.9-1.0 on average with the built-ins' 24 layers and caption dropout,
+    # more than 1 with 32 layers): an import that dropped them would read as the base
+    assert np.abs(original - base).mean() > 0.5
     for fmt in ("diffusers", "kohya"):
         out = tmp_path / f"{kind}.{fmt}.safetensors"
         assert main(["library", "--data-root", root, "export", kind, "--format", fmt, "--out", str(out)]) == 0
@@ -140,7 +142,7 @@ def test_a_resized_copy_is_plain_lora(trained, capsys):
     assert entry.trainable_params == sum(layer.num_params for layer in read_adapter(entry.file).layers.values())
 
 
-def test_qr_energy_keeps_a_rank_per_layer(session_subject_images, session_prior_dir, tmp_path, capsys):
+def test_qr_energy_keeps_a_rank_per_layer(session_subject_images, session_prior_dir, tmp_path, capsys, builtin_unet_layers):
     root = str(tmp_path / "data")
     assert main(["train", "--images", *map(str, session_subject_images), "--token", "sks", "--class-noun", "dog",
                  "--base-model", "builtin:tiny-random", "--steps", "3", "--num-class-images", "2", "--lr", "0.05",
@@ -148,7 +150,7 @@ def test_qr_energy_keeps_a_rank_per_layer(session_subject_images, session_prior_
                  "--data-root", root, "--prior-dir", str(session_prior_dir), "--quiet"]) == 0
     entry = Library(root).get("e")
     ranks = {key: layer.rank for key, layer in read_adapter(entry.file).layers.items()}
-    assert len(ranks) == 32 and min(ranks.values()) >= 1 and entry.trainable_params == sum(ranks.values())
+    assert len(ranks) == builtin_unet_layers and min(ranks.values()) >= 1 and entry.trainable_params == sum(ranks.values())
     assert len(set(ranks.values())) > 1  # the threshold picks a rank per layer
     out = tmp_path / "e.safetensors"  # per-layer ranks travel in the rank pattern
     assert main(["library", "--data-root", root, "export", "e", "--format", "diffusers", "--out", str(out)]) == 0
@@ -158,7 +160,7 @@ def test_qr_energy_keeps_a_rank_per_layer(session_subject_images, session_prior_
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_with_a_qlora_text_encoder(session_subject_images, session_prior_dir, tmp_path, capsys, kind):
+def test_with_a_qlora_text_encoder(session_subject_images, session_prior_dir, tmp_path, capsys, kind, builtin_unet_layers):
     """The text encoder's modes stay LoRA (4-bit base under qlora): its layers are saved beside the UNet's factors."""
     root = str(tmp_path / "data")
     assert main(["train", "--images", *map(str, session_subject_images), "--token", "sks", "--class-noun", "dog",
@@ -168,7 +170,7 @@ def test_with_a_qlora_text_encoder(session_subject_images, session_prior_dir, tm
     adapter = read_adapter(Library(root).get("q").file)
     unet = [k for k in adapter.layers if k.startswith("unet.")]
     text = [layer for k, layer in adapter.layers.items() if k.startswith("text_encoder.")]
-    assert len(unet) == 32 and len(text) == 8 and all(type(layer) is LoRA for layer in adapter.layers.values())
+    assert len(unet) == builtin_unet_layers and len(text) == 8 and all(type(layer) is LoRA for layer in adapter.layers.values())
     learned_text = sum(layer.num_params for layer in text)
     assert adapter.meta["trainable_params"] > learned_text and adapter.meta["adapter_type"] == kind
     assert generate(root, tmp_path, "q", "q").shape[0] == 1

@@ -166,7 +166,7 @@ def test_training_changes_the_output(trained, session_subject_images):
         assert not torch.allclose(model.text_encoder(prompt_ids(model))[0], base.text_encoder(prompt_ids(base))[0])
 
 
-def test_saved_adapter_reloads_to_the_trained_outputs(trained, session_subject_images):
+def test_saved_adapter_reloads_to_the_trained_outputs(trained, session_subject_images, builtin_unet_layers):
     library, result, model = trained
     entry = library.get("subject")
     assert entry.id == result.adapter.id and entry.fingerprint == model.fingerprint
@@ -177,7 +177,7 @@ def test_saved_adapter_reloads_to_the_trained_outputs(trained, session_subject_i
     # A plain diffusers pipeline on a fresh model places every LoRA module the file holds.
     plain = build_tiny_random().pipeline()
     plain.load_lora_weights(str(entry.file))
-    assert lora_layer_count(plain.unet, plain.text_encoder) == len(file_modules) == 32 + 8
+    assert lora_layer_count(plain.unet, plain.text_encoder) == len(file_modules) == builtin_unet_layers + 8
 
     # The studio's session (LoRA + identifier embedding) on a fresh model matches the trained one in memory.
     fresh = build_tiny_random()
@@ -269,6 +269,44 @@ def test_caption_dropout_trains_some_photo_rows_under_the_empty_prompt_and_no_cl
     assert tiny_config("d").resolved(3, False, RESOLUTION).caption_dropout == 0.0  # real models: off
     with pytest.raises(UserError, match="--caption-dropout 1.0"):
         tiny_config("bad", caption_dropout=1.0)
+
+
+def test_caption_dropout_keeps_the_empty_prompt_the_base_encoders_under_an_encoder_lora(
+        tmp_path, session_subject_images, session_prior_dir, monkeypatch):
+    """With a text-encoder LoRA the dropped rows still get the base encoder's empty-prompt states at every step: the
+    encoder's adapter never rewrites the prompt that every generation is guided against."""
+    from dreambooth_lora.lora import adapters_disabled
+
+    calls = []
+    real_load = train.load_base_model
+
+    def load(*args, **kwargs):  # observe the UNet's inputs; nothing is replaced
+        model = real_load(*args, **kwargs)
+        model.unet.register_forward_pre_hook(
+            lambda module, args, kwargs: calls.append((args[2] if len(args) > 2 else kwargs["encoder_hidden_states"])
+                                                      .detach().clone()), with_kwargs=True)
+        calls.append(model)
+        return model
+
+    monkeypatch.setattr(train, "load_base_model", load)
+    config = tiny_config("drop-te", steps=4, lr=5e-2, ema_decay=0.0, caption_dropout=0.5, batch_size=3,
+                         contrast_rows=0, text_encoder="lora")
+    run_training(Library(tmp_path), create_job(Library(tmp_path), config, session_subject_images), session_prior_dir)
+    model, states = calls[0], calls[1:]
+    ids = model.tokenizer([""], padding="max_length", max_length=model.tokenizer.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids
+    with torch.no_grad(), adapters_disabled(model.unet, model.text_encoder):
+        base_empty = model.text_encoder(ids)[0][0]
+    with torch.no_grad():
+        trained_empty = model.text_encoder(ids)[0][0]
+    assert not torch.allclose(trained_empty, base_empty, atol=1e-4)  # the encoder LoRA learned: it would change ""
+    steps = [batch[:3] for batch in states if batch.shape[0] == 6]  # the photo rows of each of the 4 steps
+    assert len(steps) == 4
+    dropped = [[bool(torch.allclose(row, base_empty, atol=1e-5)) for row in rows] for rows in steps]
+    assert any(any(flags) for flags in dropped[1:])  # dropped after the LoRA has learned, still the base's ""
+    for rows, flags in zip(steps, dropped):  # every other photo row is the instance prompt's (one state a step)
+        kept = [row for row, gone in zip(rows, flags) if not gone]
+        assert all(torch.equal(row, kept[0]) and not torch.allclose(row, base_empty, atol=1e-3) for row in kept)
 
 
 def test_adapter_file_records_the_run(trained):
