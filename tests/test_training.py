@@ -234,22 +234,29 @@ def test_unet_layers_choose_the_projections_that_train_and_a_plain_pipeline_plac
         tiny_config("bad", unet_layers="all")
 
 
-def test_caption_dropout_trains_some_photo_rows_under_the_empty_prompt_and_no_class_row(
-        tmp_path, session_subject_images, session_prior_dir, monkeypatch):
-    """--caption-dropout P: each photo's row is under the empty prompt with probability P (guidance's unconditional
-    branch), every other photo row under the instance prompt, and no class row ever is; the file records P."""
+def record_unet_states(monkeypatch) -> list:
+    """Observe run_training's model, nothing replaced: the list gets the loaded model, then the encoder states of
+    every UNet call (positional in a training step, a keyword in the pipelines)."""
     calls = []
     real_load = train.load_base_model
 
-    def load(*args, **kwargs):  # observe the UNet's inputs; nothing is replaced
+    def load(*args, **kwargs):
         model = real_load(*args, **kwargs)
-        model.unet.register_forward_pre_hook(  # the prompt's states: positional in a training step
+        model.unet.register_forward_pre_hook(
             lambda module, args, kwargs: calls.append((args[2] if len(args) > 2 else kwargs["encoder_hidden_states"])
                                                       .detach().clone()), with_kwargs=True)
         calls.append(model)
         return model
 
     monkeypatch.setattr(train, "load_base_model", load)
+    return calls
+
+
+def test_caption_dropout_trains_some_photo_rows_under_the_empty_prompt_and_no_class_row(
+        tmp_path, session_subject_images, session_prior_dir, monkeypatch):
+    """--caption-dropout P: each photo's row is under the empty prompt with probability P (guidance's unconditional
+    branch), every other photo row under the instance prompt, and no class row ever is; the file records P."""
+    calls = record_unet_states(monkeypatch)
     config = tiny_config("drop", steps=4, lr=1e-2, ema_decay=0.0, caption_dropout=0.5, batch_size=3, contrast_rows=0)
     result = run_training(Library(tmp_path), create_job(Library(tmp_path), config, session_subject_images), session_prior_dir)
     model, states = calls[0], calls[1:]
@@ -279,18 +286,7 @@ def test_caption_dropout_keeps_the_empty_prompt_the_base_encoders_under_an_encod
     encoder's adapter never rewrites the prompt that every generation is guided against."""
     from dreambooth_lora.lora import adapters_disabled
 
-    calls = []
-    real_load = train.load_base_model
-
-    def load(*args, **kwargs):  # observe the UNet's inputs; nothing is replaced
-        model = real_load(*args, **kwargs)
-        model.unet.register_forward_pre_hook(
-            lambda module, args, kwargs: calls.append((args[2] if len(args) > 2 else kwargs["encoder_hidden_states"])
-                                                      .detach().clone()), with_kwargs=True)
-        calls.append(model)
-        return model
-
-    monkeypatch.setattr(train, "load_base_model", load)
+    calls = record_unet_states(monkeypatch)
     config = tiny_config("drop-te", steps=4, lr=5e-2, ema_decay=0.0, caption_dropout=0.5, batch_size=3,
                          contrast_rows=0, text_encoder="lora")
     run_training(Library(tmp_path), create_job(Library(tmp_path), config, session_subject_images), session_prior_dir)
