@@ -87,7 +87,7 @@ def main() -> int:
     args = parser.parse_args()
     settings = Settings(samples=args.samples, steps=args.steps, lr=args.lr, token_lr=args.token_lr,
                         batch_size=args.batch_size, text_encoder=args.text_encoder, ema_decay=args.ema_decay)
-    report = run_bench(args.quick, settings, args.workers, args.machine, args.work,
+    report = run_bench(args.quick, settings, args.workers, args.machine, work=args.work,
                        on_row=lambda row: print(json.dumps(row), file=sys.stderr, flush=True), seeds=args.seeds)
     tables = sys.stderr if args.json else sys.stdout  # with --json, stdout is the JSON alone
     print_table(report, tables)

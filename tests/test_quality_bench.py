@@ -95,7 +95,8 @@ def test_with_json_stdout_is_the_json_report_alone_and_the_tables_go_to_stderr(m
     report = {"runs": [row], "summary": quality.summarise([row]), "vae_ceiling": {}, "workers": 2, "seconds": 1.0,
               "machine": "test"}
 
-    def fake_bench(quick, settings, workers, machine, on_row, seeds=None):
+    def fake_bench(quick, settings, workers, machine, work=None, on_row=None, seeds=None):
+        assert work is None  # no --work: the bench makes and removes its own folder
         on_row(row)
         return report
 
