@@ -509,10 +509,7 @@ class Trainables:
     def __init__(self, model: BaseModel, config: TrainConfig, device, autocast_dtype, identifier: IdentifierEmbedding | None):
         self.model, self.config, self.device, self.autocast_dtype = model, config, device, autocast_dtype
         self.identifier = identifier  # its tokenizer is model.tokenizer for the run (attach_trainables)
-        self.prompt_ids = model.tokenizer(
-            [config.instance_prompt, config.class_prompt], padding="max_length",
-            max_length=model.tokenizer.model_max_length, truncation=True, return_tensors="pt",
-        ).input_ids.to(device)
+        self.prompt_ids = self.token_ids([config.instance_prompt, config.class_prompt])
         self.cached: torch.Tensor | None = None
         self.cached_empty: torch.Tensor | None = None
         self.separation = 0.0
@@ -534,9 +531,15 @@ class Trainables:
         if self.identifier is not None:
             self.identifier.clamp_norm(self.max_token_norm)
 
-    def encode(self) -> torch.Tensor:
+    def token_ids(self, texts: list[str]) -> torch.Tensor:
+        tokenizer = self.model.tokenizer
+        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(self.device)
+
+    def encode(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder states of `ids` (default: the instance and class prompts)."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return self.model.text_encoder(self.prompt_ids)[0].float()
+            return self.model.text_encoder(self.prompt_ids if ids is None else ids)[0].float()
 
     def prompt_embeddings(self, n_instance: int, n_class: int, dropped: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder states for the batch rows: cached when nothing in the text encoder learns. `dropped` (a bool per
@@ -549,7 +552,7 @@ class Trainables:
                     self.cached = self.encode()
             both = self.cached
         instance = both[0:1].expand(n_instance, -1, -1)
-        if dropped is not None and bool(dropped.any()):
+        if dropped is not None:  # no host read of the draws: the empty states are cached after the first step
             instance = torch.where(dropped.to(instance.device)[:, None, None], self.empty_states(), instance)
         return torch.cat([instance, both[1:2].expand(n_class, -1, -1)])
 
@@ -561,11 +564,8 @@ class Trainables:
         own, once, so the other prompts' states stay what they were without caption dropout; the identifier is not in
         the empty prompt, so its row changes nothing here."""
         if self.cached_empty is None:
-            ids = self.model.tokenizer([""], padding="max_length", max_length=self.model.tokenizer.model_max_length,
-                                       truncation=True, return_tensors="pt").input_ids.to(self.device)
             with torch.no_grad(), adapters_disabled(self.model.unet, self.model.text_encoder):
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                    self.cached_empty = self.model.text_encoder(ids)[0].float()
+                self.cached_empty = self.encode(self.token_ids([""]))
         return self.cached_empty
 
     def tensors(self) -> dict[str, torch.Tensor]:
